@@ -1,0 +1,92 @@
+"""Which backend Triton runs on, and the facts of the device that constraints and rooflines need.
+
+With no CUDA GPU present, Triton's interpreter (``TRITON_INTERPRET=1``) runs every kernel on the
+CPU through numpy. The variable must be set before ``triton`` is first imported, so
+``kernels/__init__.py`` calls :func:`select_backend` before importing any family.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+def select_backend() -> bool:
+    """Turn on Triton's interpreter when no CUDA GPU is present. Returns True when interpreting.
+
+    A user may force either way by setting ``TRITON_INTERPRET`` themselves; we never override it.
+    """
+    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        if "triton" in sys.modules:
+            raise RuntimeError(
+                "triton was imported before kernels on a machine without a GPU; import kernels first "
+                "or set TRITON_INTERPRET=1 so that Triton's interpreter is used"
+            )
+        os.environ["TRITON_INTERPRET"] = "1"
+    return interpreting()
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def default_device() -> torch.device:
+    """CUDA when a GPU is present and Triton compiles for it, else the CPU (interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What constraints and rooflines need to know of the device a kernel runs on.
+
+    ``peak_tflops`` (dense bf16/fp16 matrix rate) and ``peak_gbps`` (memory bandwidth) are datasheet
+    leads; benchmarks measure the real ceilings in the same run and report against those.
+    """
+
+    name: str
+    capability: tuple[int, int]
+    num_sms: int
+    smem_per_block: int  # bytes of shared memory one program may use (the opt-in maximum)
+    l2_bytes: int
+    peak_tflops: float
+    peak_gbps: float
+
+    @property
+    def is_hopper(self) -> bool:
+        return self.capability[0] == 9
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe name of the device, used for the per-device cache file."""
+        return "".join(c if c.isalnum() else "_" for c in self.name.lower()).strip("_")
+
+
+# Datasheet leads for the cards the workbench is measured on (dense bf16, HBM).
+_PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0)}
+
+
+@functools.lru_cache(maxsize=None)
+def device_facts(device: str | torch.device | None = None) -> DeviceFacts:
+    """Facts of ``device`` (default: :func:`default_device`).
+
+    Under the interpreter the 'device' is the CPU: its facts mimic a Hopper card (so the same
+    constraints apply to the same configs) with a small program count, so persistent kernels loop.
+    """
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type != "cuda":
+        return DeviceFacts("cpu-interpreter", (0, 0), 4, 232448, 50 << 20, 1.0, 50.0)
+    props = torch.cuda.get_device_properties(dev)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 101376
+    peak = next((v for k, v in _PEAKS.items() if k in props.name), (100.0, 1000.0))
+    return DeviceFacts(
+        props.name,
+        (props.major, props.minor),
+        props.multi_processor_count,
+        int(smem),
+        int(getattr(props, "L2_cache_size", 0)),
+        *peak,
+    )

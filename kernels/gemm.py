@@ -1,0 +1,250 @@
+"""The GEMM family: C[M, N] = A[M, K] @ B[K, N] with float32 accumulation.
+
+Structural variants (the categorical parameter ``variant``):
+- ``tiled``: one program per output tile, tiles visited in L2-friendly groups of GROUP_M rows;
+- ``splitk``: K cut into SPLIT_K slices computed by separate programs, then summed by a second
+  kernel (more parallelism for small M x N with a long K);
+- ``persistent``: about one program per SM, each looping over tiles;
+- ``tma`` and ``tma_persistent`` (Hopper, and the interpreter): tiles moved by tensor descriptors.
+
+The template is ``kernels/templates/gemm.py.j2``. Shape dicts are ``{"M", "N", "K"}`` with an
+optional ``"b_transposed"`` (bool, default True): B is a transposed view of a row-major [N, K]
+weight, as in a linear layer, which is how the engine calls it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import torch
+
+from kernels.device import device_facts, interpreting
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, torch_dtype
+
+VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent")
+_INT32_MAX = 2**31 - 1
+
+
+def _elt(dtype: str) -> int:
+    return torch.empty((), dtype=torch_dtype(dtype)).element_size()
+
+
+def _dims(shape: Shape) -> tuple[int, int, int]:
+    try:
+        M, N, K = (int(shape[k]) for k in ("M", "N", "K"))
+    except KeyError as e:
+        raise ValueError(f"gemm shape needs keys M, N and K; {e.args[0]!r} is missing from {shape}") from None
+    if min(M, N, K) < 1:
+        raise ValueError(f"gemm shape dimensions must be positive, got {shape}")
+    return M, N, K
+
+
+class GemmFamily(Family):
+    name = "gemm"
+    template_file = "gemm.py.j2"
+    template_version = 1
+
+    def space(self, shape: Shape, dtype: str) -> dict[str, list]:
+        M, N, K = _dims(shape)
+        torch_dtype(dtype)
+        tma_ok = interpreting() or device_facts().capability >= (9, 0)
+        # Tiles larger than the problem's next power of two only add masked work.
+        if M <= 16:
+            block_m = [16]  # decode shapes: tl.dot's smallest tile
+        else:
+            block_m = [b for b in (16, 32, 64, 128, 256) if b <= max(16, next_pow2(M))]
+        return {
+            "variant": [v for v in VARIANTS if tma_ok or not v.startswith("tma")],
+            "BLOCK_M": block_m,
+            "BLOCK_N": [b for b in (32, 64, 128, 256) if b <= max(32, next_pow2(N))],
+            "BLOCK_K": [b for b in (32, 64, 128, 256) if b <= max(32, next_pow2(K))],
+            "GROUP_M": [1, 8],
+            "SPLIT_K": [1, 2, 4, 8, 16],
+            "num_warps": [4, 8],
+            "num_stages": [2, 3, 4, 5],
+        }
+
+    def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
+        M, N, K = _dims(shape)
+        v, bm, bn, bk = config["variant"], config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        split, warps, stages = config["SPLIT_K"], config["num_warps"], config["num_stages"]
+        elt = _elt(dtype)
+        if (v == "splitk") != (split > 1):
+            return "SPLIT_K > 1 goes with the splitk variant and only with it"
+        if split > 1 and -(-K // bk) < split:
+            return f"K={K} has fewer than SPLIT_K={split} tiles of {bk}"
+        if config["GROUP_M"] > 1 and -(-M // bm) <= 1:
+            return "GROUP_M > 1 needs more than one tile-row"
+        acc_per_thread = bm * bn // (32 * warps)
+        if acc_per_thread > 128:
+            return f"{bm}x{bn} float32 accumulator is {acc_per_thread} registers per thread with {warps} warps"
+        if acc_per_thread < 4:
+            return f"{warps} warps for a {bm}x{bn} tile leave threads idle"
+        smem = stages * (bm * bk + bk * bn) * elt
+        if v.startswith("tma"):
+            smem += bm * bn * elt  # the epilogue tile staged for the TMA store
+            if (K * elt) % 16 or (N * elt) % 16:
+                return "TMA needs rows of A, B and C aligned to 16 bytes"
+        limit = device_facts().smem_per_block
+        if smem > limit:
+            return f"needs {smem} bytes of shared memory, the device has {limit}"
+        return None
+
+    def default_config(self, shape: Shape, dtype: str) -> Config:
+        """Tiles that measured well on Hopper for each regime, shrunk until valid for the shape."""
+        M, N, K = _dims(shape)
+        space = self.space(shape, dtype)
+        if M <= 16:
+            want = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=3)
+        elif M <= 64:
+            want = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+        else:
+            want = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
+        cfg: Config = dict(variant="tiled", GROUP_M=8 if M > 64 else 1, SPLIT_K=1, **want)
+        for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            cfg[key] = max(c for c in space[key] if c <= cfg[key]) if min(space[key]) <= cfg[key] else min(space[key])
+        # Shrink what the shape or device cannot hold: pipeline depth, then the deepest tile.
+        while self.reject(shape, dtype, cfg) is not None:
+            if self.reject(shape, dtype, {**cfg, "GROUP_M": 1}) is None:
+                cfg["GROUP_M"] = 1
+            elif cfg["num_stages"] > 2:
+                cfg["num_stages"] -= 1
+            elif cfg["num_warps"] == 8 and cfg["BLOCK_M"] * cfg["BLOCK_N"] < 128 * 128:
+                cfg["num_warps"] = 4
+            elif cfg["BLOCK_K"] > min(space["BLOCK_K"]):
+                cfg["BLOCK_K"] //= 2
+            elif cfg["BLOCK_N"] > min(space["BLOCK_N"]):
+                cfg["BLOCK_N"] //= 2
+            elif cfg["BLOCK_M"] > min(space["BLOCK_M"]):
+                cfg["BLOCK_M"] //= 2
+            else:
+                return self.configs(shape, dtype)[0]
+        return cfg
+
+    def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
+        M, N, K = _dims(shape)
+        facts = {
+            "VARIANT": config["variant"],
+            "BLOCK_M": config["BLOCK_M"],
+            "BLOCK_N": config["BLOCK_N"],
+            "BLOCK_K": config["BLOCK_K"],
+            "GROUP_M": config["GROUP_M"],
+            "SPLIT_K": config["SPLIT_K"],
+            "NUM_WARPS": config["num_warps"],
+            "NUM_STAGES": config["num_stages"],
+        }
+        if config["variant"].startswith("tma"):
+            facts["B_TRANS"] = bool(shape.get("b_transposed", True))
+        else:
+            facts["EVEN_K"] = K % (config["BLOCK_K"] * config["SPLIT_K"]) == 0
+            facts["EVEN_N"] = N % config["BLOCK_N"] == 0
+            facts["INDEX_64"] = max(M * K, K * N, M * N) > _INT32_MAX
+        return facts
+
+    # --- running ------------------------------------------------------------------------------
+    def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0) -> dict:
+        M, N, K = _dims(shape)
+        dt = torch_dtype(dtype)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        a = torch.randn(M, K, generator=gen).to(device=device, dtype=dt)
+        if shape.get("b_transposed", True):
+            b = torch.randn(N, K, generator=gen).to(device=device, dtype=dt).t()
+        else:
+            b = torch.randn(K, N, generator=gen).to(device=device, dtype=dt)
+        return {"a": a, "b": b, "out": torch.empty(M, N, device=device, dtype=dt)}
+
+    def shape_of(self, inputs: dict) -> Shape:
+        a, b = inputs["a"], inputs["b"]
+        return {"M": a.shape[0], "N": b.shape[1], "K": a.shape[1], "b_transposed": _b_transposed(b)}
+
+    def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
+        return matmul(inputs["a"], inputs["b"], config=config, out=inputs.get("out"))
+
+    def reference(self, inputs: dict) -> torch.Tensor:
+        return inputs["a"].double() @ inputs["b"].double()
+
+    def baseline(self, inputs: dict) -> torch.Tensor:
+        return torch.matmul(inputs["a"], inputs["b"])
+
+    def flops(self, shape: Shape) -> float:
+        M, N, K = _dims(shape)
+        return 2.0 * M * N * K
+
+    def bytes(self, shape: Shape, dtype: str) -> float:
+        M, N, K = _dims(shape)
+        return float((M * K + K * N + M * N) * _elt(dtype))
+
+    def tiny_shapes(self) -> list[Shape]:
+        return [
+            {"M": 37, "N": 29, "K": 45},  # nothing divides anything
+            {"M": 1, "N": 64, "K": 96},  # decode: one token
+            {"M": 16, "N": 48, "K": 64, "b_transposed": False},  # B row-major, K divides the tile
+            {"M": 70, "N": 96, "K": 160},  # several tile-rows: grouped ordering, split-K
+        ]
+
+
+FAMILY = GemmFamily()
+
+
+def _b_transposed(b: torch.Tensor) -> bool:
+    """True when B is laid out as a transposed row-major [N, K] matrix (a weight view)."""
+    return b.stride(0) == 1 and b.stride(1) != 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _launcher(M: int, N: int, K: int, b_trans: bool, dtype: str, config_json: str | None):
+    """The emitted module's ``launch`` for one (shape, dtype, config), validated once."""
+    shape = {"M": M, "N": N, "K": K, "b_transposed": b_trans}
+    config = FAMILY.default_config(shape, dtype) if config_json is None else json.loads(config_json)
+    FAMILY.check_config(shape, dtype, config)
+    return FAMILY.module(shape, dtype, config).launch, config["variant"].startswith("tma")
+
+
+def matmul(
+    a: torch.Tensor, b: torch.Tensor, *, config: Config | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """C = A @ B through the GEMM family.
+
+    a [M, K], b [K, N] with any strides (b may be a transposed weight view ``W.t()``), same dtype
+    (float16, bfloat16 or float32) and device. ``config`` None uses the family's default config.
+    ``out`` [M, N] of a's dtype is written when given. Returns C [M, N] of a's dtype.
+    """
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"matmul: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"matmul: {name} must be 2-D, got shape {tuple(t.shape)}")
+    dtype = dtype_name(a.dtype)
+    if b.dtype != a.dtype:
+        raise TypeError(f"matmul: a is {a.dtype} but b is {b.dtype}; both must have one dtype")
+    if a.device != b.device:
+        raise ValueError(f"matmul: a is on {a.device} but b is on {b.device}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul: inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"matmul: config must be a dict or None, got {type(config).__name__}")
+    M, K = a.shape
+    N = b.shape[1]
+    if out is None:
+        out = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    elif out.shape != (M, N) or out.dtype != a.dtype or out.device != a.device:
+        raise ValueError(f"matmul: out must be [{M}, {N}] {a.dtype} on {a.device}, got {tuple(out.shape)} {out.dtype}")
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    b_trans = _b_transposed(b)
+    key = None if config is None else json.dumps(config, sort_keys=True)
+    launch, tma = _launcher(M, N, K, b_trans, dtype, key)
+    if tma:
+        # Tensor descriptors need a unit stride in the last dim: only the layouts the variant names.
+        a = a if a.stride(1) == 1 else a.contiguous()
+        b = b if (b_trans or b.stride(1) == 1) else b.contiguous()
+        target = out if out.stride(1) == 1 and out.stride(0) == N else torch.empty_like(out, memory_format=torch.contiguous_format)
+        launch(a, b, target, device_facts(a.device).num_sms)
+        if target is not out:
+            out.copy_(target)
+        return out
+    launch(a, b, out, device_facts(a.device).num_sms)
+    return out
