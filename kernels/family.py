@@ -184,6 +184,20 @@ class Family(abc.ABC):
     def tiny_shapes(self) -> list[Shape]:
         """A few small shapes (odd sizes included) that run in seconds under the interpreter."""
 
+    # --- direct calls (what tuned dispatch wraps) ----------------------------------------------
+    def call(self, *args: Any, config: Config | None = None, **kwargs: Any) -> Any:
+        """The family's direct-call function (e.g. ``kernels.gemm.matmul``) with ``config``."""
+        raise NotImplementedError(f"{self.name} has no direct call")
+
+    def shape_from_call(self, *args: Any, **kwargs: Any) -> Shape:
+        """The shape dict of a direct call's arguments (what the config cache is keyed on)."""
+        raise NotImplementedError(f"{self.name} has no direct call")
+
+    def bucket(self, shape: Shape) -> Shape:
+        """The shape a tuned config is looked up for. Families whose shapes vary every step
+        (a context length) round them here so that dispatch memoises a few buckets, not every length."""
+        return shape
+
     def baseline(self, inputs: dict) -> torch.Tensor | None:
         """The vendor baseline on the same inputs (cuBLAS, SDPA), or None when there is none."""
         return None

@@ -164,6 +164,12 @@ class GemmFamily(Family):
     def reference(self, inputs: dict) -> torch.Tensor:
         return inputs["a"].double() @ inputs["b"].double()
 
+    def call(self, a: torch.Tensor, b: torch.Tensor, *, config: Config | None = None, out=None) -> torch.Tensor:
+        return matmul(a, b, config=config, out=out)
+
+    def shape_from_call(self, a: torch.Tensor, b: torch.Tensor, **_: Any) -> Shape:
+        return self.shape_of({"a": a, "b": b})
+
     def baseline(self, inputs: dict) -> torch.Tensor:
         return torch.matmul(inputs["a"], inputs["b"])
 
