@@ -1,0 +1,153 @@
+"""GEMM family: strides, specialisation of the emitted source, constraints and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels.family import rel_error
+from kernels.gemm import FAMILY, matmul
+
+
+def _check(a: torch.Tensor, b: torch.Tensor, dtype: str, device, config=None) -> None:
+    out = torch.full((a.shape[0], b.shape[1]), float("nan"), dtype=a.dtype, device=device)
+    matmul(a, b, config=config, out=out)
+    ref = a.double() @ b.double()
+    assert rel_error(out, ref) <= FAMILY.tolerance(dtype, device)
+
+
+def test_any_strides(dtype: str, device) -> None:
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(90, 130, generator=g).to(device, dt)
+    a = big[5:38, 7:100:2]  # a strided slice: [33, 47], row stride 130, column stride 2
+    w = torch.randn(21, 47, generator=g).to(device, dt)
+    _check(a, w.t(), dtype, device)  # transposed weight view
+    _check(a.t().contiguous().t(), w.t().contiguous(), dtype, device)  # column-major A, row-major B
+    configs = FAMILY.configs(FAMILY.shape_from_call(a, w.t()), dtype)
+    for variant in ("splitk", "persistent"):  # (TMA needs 16-byte rows: K=47 rules it out)
+        _check(a, w.t(), dtype, device, next(c for c in configs if c["variant"] == variant))
+
+
+def test_tma_variant_copies_unsupported_layouts(device) -> None:
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(32, 64, generator=g).to(device, torch.float16).t().contiguous().t()  # column-major
+    b = torch.randn(64, 48, generator=g).to(device, torch.float16)
+    shape = FAMILY.shape_from_call(a, b)
+    cfg = next(c for c in FAMILY.configs(shape, "float16") if c["variant"] == "tma_persistent")
+    _check(a, b, "float16", device, cfg)
+
+
+def test_even_k_drops_the_k_mask() -> None:
+    cfg = {"variant": "tiled", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "SPLIT_K": 1,
+           "num_warps": 4, "num_stages": 2}
+    even = FAMILY.emit({"M": 16, "N": 32, "K": 64}, "float16", cfg)
+    ragged = FAMILY.emit({"M": 16, "N": 32, "K": 70}, "float16", cfg)
+    assert "k_left" not in even
+    assert "k_left" in ragged
+    assert "splitk_reduce_kernel" not in even and "GROUP_M > 1" not in even
+
+
+def test_structural_variants_emit_their_own_code() -> None:
+    shape = {"M": 256, "N": 256, "K": 256}
+    by_variant = {}
+    for cfg in FAMILY.configs(shape, "float16"):
+        by_variant.setdefault(cfg["variant"], cfg)
+    assert set(by_variant) >= {"tiled", "splitk", "persistent"}
+    src = {v: FAMILY.emit(shape, "float16", c) for v, c in by_variant.items()}
+    assert "splitk_reduce_kernel" in src["splitk"] and "splitk_reduce_kernel" not in src["tiled"]
+    assert "tl.num_programs(0)" in src["persistent"] and "tl.num_programs(0)" not in src["tiled"]
+
+
+def test_tiny_m_gets_small_tiles_and_smem_is_bounded() -> None:
+    assert FAMILY.space({"M": 1, "N": 4096, "K": 4096}, "bfloat16")["BLOCK_M"] == [16]
+    assert FAMILY.space({"M": 16, "N": 4096, "K": 4096}, "bfloat16")["BLOCK_M"] == [16]
+    assert 256 in FAMILY.space({"M": 4096, "N": 4096, "K": 4096}, "bfloat16")["BLOCK_M"]
+    limit = kernels.device.device_facts().smem_per_block
+    for cfg in FAMILY.configs({"M": 4096, "N": 4096, "K": 4096}, "float32"):
+        per_stage = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 4
+        assert cfg["num_stages"] * per_stage <= limit
+    big = {"variant": "tiled", "BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8, "SPLIT_K": 1,
+           "num_warps": 8, "num_stages": 5}
+    with pytest.raises(ValueError, match="registers|shared memory"):
+        FAMILY.check_config({"M": 4096, "N": 4096, "K": 4096}, "float32", big)
+
+
+def test_default_config_is_valid_over_many_shapes() -> None:
+    for M in (1, 3, 16, 17, 64, 100, 256, 4096):
+        for N, K in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (7, 9)):
+            for dtype in ("float16", "bfloat16", "float32"):
+                shape = {"M": M, "N": N, "K": K}
+                assert FAMILY.reject(shape, dtype, FAMILY.default_config(shape, dtype)) is None
+
+
+def test_empty_and_degenerate_shapes(device) -> None:
+    a = torch.randn(0, 8, device=device, dtype=torch.float16)
+    assert matmul(a, torch.randn(8, 5, device=device, dtype=torch.float16)).shape == (0, 5)
+    out = matmul(torch.randn(3, 0, device=device), torch.randn(0, 4, device=device))
+    assert torch.equal(out, torch.zeros(3, 4, device=device))
+
+
+@pytest.mark.parametrize(
+    "a,b,err,match",
+    [
+        (torch.randn(4, 5), torch.randn(6, 3), ValueError, "inner dimensions"),
+        (torch.randn(4, 5, 2), torch.randn(5, 3), ValueError, "2-D"),
+        (torch.randn(4), torch.randn(4, 3), ValueError, "2-D"),
+        (torch.ones(4, 5, dtype=torch.int32), torch.ones(5, 3, dtype=torch.int32), TypeError, "dtype"),
+        (torch.randn(4, 5), torch.randn(5, 3, dtype=torch.float16), TypeError, "dtype"),
+        (torch.randn(4, 5), [[1.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input(a, b, err, match) -> None:
+    with pytest.raises(err, match=match):
+        matmul(a, b)
+
+
+def test_bad_config() -> None:
+    a, b = torch.randn(16, 32), torch.randn(32, 32)
+    good = FAMILY.default_config({"M": 16, "N": 32, "K": 32}, "float32")
+    with pytest.raises(ValueError, match="BLOCKM"):
+        matmul(a, b, config={**good, "BLOCKM": 16})
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        matmul(a, b, config={**good, "BLOCK_N": 48})
+    with pytest.raises(ValueError, match="SPLIT_K"):
+        matmul(a, b, config={**good, "SPLIT_K": 2})
+    with pytest.raises(TypeError, match="config"):
+        matmul(a, b, config="fast")
+
+
+@pytest.mark.gpu
+def test_operands_on_different_devices() -> None:
+    with pytest.raises(ValueError, match="device"):
+        matmul(torch.randn(4, 5, device="cuda"), torch.randn(5, 3))
+
+
+def test_emitted_modules_are_cached_on_disk(tmp_path, monkeypatch) -> None:
+    from kernels import generator
+
+    monkeypatch.setenv("WORKBENCH_KERNEL_CACHE", str(tmp_path))
+    shape, cfg = {"M": 16, "N": 32, "K": 32}, FAMILY.default_config({"M": 16, "N": 32, "K": 32}, "float16")
+    facts = FAMILY.facts(shape, "float16", cfg)
+    path = generator.source_path(FAMILY, facts)
+    assert path.parent == tmp_path and path.read_text() == FAMILY.emit(shape, "float16", cfg)
+    assert generator.source_path(FAMILY, facts) == path  # same facts, same file
+    other = generator.source_path(FAMILY, {**facts, "NUM_STAGES": facts["NUM_STAGES"] + 1})
+    assert other != path
+
+
+def test_emit_command(tmp_path) -> None:
+    out = tmp_path / "v.py"
+    cfg = FAMILY.default_config({"M": 1, "N": 64, "K": 64}, "float16")
+    run = subprocess.run(
+        [sys.executable, "-m", "kernels.emit", "gemm", "--shape", "M=1,N=64,K=64", "--config", json.dumps(cfg),
+         "-o", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "def gemm_kernel" in out.read_text()
+    bad = subprocess.run([sys.executable, "-m", "kernels.emit", "gemm", "--shape", "M=1,N=64"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "K" in bad.stderr
