@@ -57,8 +57,9 @@ def tolerance(dtype: str, device: torch.device | str) -> float:
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; ``inf`` when ``out`` holds a NaN or an infinity."""
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    """||out - ref|| / ||ref|| in float64 on ``ref``'s device; ``inf`` when ``out`` holds a NaN or an infinity."""
+    ref64 = ref.detach().double()
+    out64 = out.detach().to(device=ref64.device, dtype=torch.float64)
     if out64.shape != ref64.shape:
         raise ValueError(f"output shape {tuple(out64.shape)} differs from reference {tuple(ref64.shape)}")
     if not torch.isfinite(out64).all():
