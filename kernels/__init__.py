@@ -17,6 +17,10 @@ from kernels.family import Family  # noqa: E402  (after the backend is chosen)
 # compile or import the others.
 _FAMILY_MODULES: dict[str, str] = {
     "gemm": "kernels.gemm",
+    "rmsnorm": "kernels.rmsnorm",
+    "rope": "kernels.rope",
+    "silu_mul": "kernels.silu_mul",
+    "kv_store": "kernels.kv_store",
 }
 
 

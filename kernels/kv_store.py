@@ -1,0 +1,230 @@
+"""The KV-store family: write a step's new keys and values into the paged KV cache.
+
+    k_cache[s // block_size, s % block_size] = k[t],  v_cache[...] = v[t]   for s = slot_mapping[t] >= 0
+
+A negative slot skips its token (the padding of a batch run at a fixed, CUDA-graph-captured
+size). A pure copy: the output must equal the reference exactly.
+
+Shape dicts are ``{"tokens", "heads_kv", "head_dim", "block_size", "num_blocks"}`` with an
+optional ``"padded"`` (default 0): how many of the tokens, at the end, make_inputs marks as
+padding. The template is ``kernels/templates/kv_store.py.j2``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import torch
+
+from kernels import checks
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, torch_dtype
+
+MAX_ELEMENTS_PER_THREAD = 32  # values of one token's k tile (and as many of v) per thread
+
+
+def _dims(shape: Shape) -> tuple[int, int, int, int, int, int]:
+    keys = ("tokens", "heads_kv", "head_dim", "block_size", "num_blocks")
+    try:
+        T, H, D, B, N = (int(shape[k]) for k in keys)
+    except KeyError as e:
+        raise ValueError(f"kv_store shape needs keys {', '.join(keys)}; {e.args[0]!r} is missing from {shape}") from None
+    padded = int(shape.get("padded", 0))
+    if min(T, H, D, B, N) < 1 or not 0 <= padded <= T:
+        raise ValueError(f"kv_store shape dimensions must be positive and padded in [0, tokens], got {shape}")
+    if T - padded > N * B:
+        raise ValueError(f"kv_store: {T - padded} tokens do not fit {N} blocks of {B} slots")
+    return T, H, D, B, N, padded
+
+
+class KVStoreFamily(Family):
+    name = "kv_store"
+    template_file = "kv_store.py.j2"
+    template_version = 1
+
+    def space(self, shape: Shape, dtype: str) -> dict[str, list]:
+        # Nothing here depends on `tokens`: a config tuned for one token count is valid for all.
+        _dims(shape)
+        torch_dtype(dtype)
+        return {"BLOCK_T": [1, 2, 4, 8, 16], "num_warps": [1, 2, 4, 8]}
+
+    def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
+        _, H, D, _, _, _ = _dims(shape)
+        tile = next_pow2(H) * next_pow2(D)
+        threads = 32 * config["num_warps"]
+        if tile > MAX_ELEMENTS_PER_THREAD * threads:
+            return f"a {H}x{D} tile is {tile // threads} values per thread with {config['num_warps']} warps"
+        if tile < threads:
+            return f"{config['num_warps']} warps for a {H}x{D} tile leave threads idle"
+        return None
+
+    def default_config(self, shape: Shape, dtype: str) -> Config:
+        """One token per program, 8 values of k and 8 of v per thread."""
+        _, H, D, _, _, _ = _dims(shape)
+        tile = next_pow2(H) * next_pow2(D)
+        return {"BLOCK_T": 1, "num_warps": min(8, max(1, tile // 256))}
+
+    def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
+        _, H, D, B, _, _ = _dims(shape)
+        return {
+            "HEADS_KV": H,
+            "HEAD_DIM": D,
+            "HEADS_PAD": next_pow2(H),
+            "DIM_PAD": next_pow2(D),
+            "BLOCK_SIZE": B,
+            "BLOCK_T": config["BLOCK_T"],
+            "EVEN": H == next_pow2(H) and D == next_pow2(D),
+            "NUM_WARPS": config["num_warps"],
+        }
+
+    # --- running ------------------------------------------------------------------------------
+    def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0) -> dict:
+        """k, v and the caches' old contents random; distinct random slots, the last ``padded`` -1.
+
+        ``out`` [2, num_blocks, block_size, H, D] receives (k_cache, v_cache): ``run`` copies the old
+        contents in and stores into it, so a missed store leaves an old value that fails the check.
+        """
+        T, H, D, B, N, padded = _dims(shape)
+        dt = torch_dtype(dtype)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        slots = torch.randperm(N * B, generator=gen)[:T]
+        if padded:
+            slots[T - padded:] = -1
+        return {
+            "k": torch.randn(T, H, D, generator=gen).to(device=device, dtype=dt),
+            "v": torch.randn(T, H, D, generator=gen).to(device=device, dtype=dt),
+            "k_cache": torch.randn(N, B, H, D, generator=gen).to(device=device, dtype=dt),
+            "v_cache": torch.randn(N, B, H, D, generator=gen).to(device=device, dtype=dt),
+            "slot_mapping": slots.to(device),
+            "out": torch.empty(2, N, B, H, D, device=device, dtype=dt),
+        }
+
+    def shape_of(self, inputs: dict) -> Shape:
+        T, H, D = inputs["k"].shape
+        N, B = inputs["k_cache"].shape[:2]
+        padded = int((inputs["slot_mapping"] < 0).sum())
+        return {"tokens": T, "heads_kv": H, "head_dim": D, "block_size": B, "num_blocks": N, "padded": padded}
+
+    def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
+        out = inputs["out"]
+        out[0].copy_(inputs["k_cache"])
+        out[1].copy_(inputs["v_cache"])
+        kv_store(inputs["k"], inputs["v"], out[0], out[1], inputs["slot_mapping"], config=config)
+        return out
+
+    def reference(self, inputs: dict) -> torch.Tensor:
+        caches = torch.stack([inputs["k_cache"], inputs["v_cache"]]).double()
+        N, B, H, D = caches.shape[1:]
+        slots = inputs["slot_mapping"].long()
+        keep = slots >= 0
+        flat = caches.view(2, N * B, H, D)
+        flat[0, slots[keep]] = inputs["k"][keep].double()
+        flat[1, slots[keep]] = inputs["v"][keep].double()
+        return caches
+
+    def baseline(self, inputs: dict) -> torch.Tensor:
+        caches = torch.stack([inputs["k_cache"], inputs["v_cache"]])
+        kv_store_torch(inputs["k"], inputs["v"], caches[0], caches[1], inputs["slot_mapping"])
+        return caches
+
+    def tolerance(self, dtype: str, device: torch.device | str) -> float:
+        return 0.0  # a copy: exact
+
+    def call(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, *, config: Config | None = None) -> None:
+        kv_store(k, v, k_cache, v_cache, slot_mapping, config=config)
+
+    def shape_from_call(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, *_: Any, **__: Any) -> Shape:
+        T, H, D = k.shape
+        N, B = k_cache.shape[:2]
+        return {"tokens": T, "heads_kv": H, "head_dim": D, "block_size": B, "num_blocks": N}
+
+    # --- cost model ---------------------------------------------------------------------------
+    def flops(self, shape: Shape) -> float:
+        return 0.0  # a copy
+
+    def bytes(self, shape: Shape, dtype: str) -> float:
+        T, H, D, _, _, padded = _dims(shape)
+        elt = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+        # k and v of each stored token read once and written once, plus an int64 slot per token.
+        return float(4 * (T - padded) * H * D * elt + 8 * T)
+
+    def tiny_shapes(self) -> list[Shape]:
+        return [
+            {"tokens": 5, "heads_kv": 2, "head_dim": 16, "block_size": 4, "num_blocks": 3},  # powers of two
+            {"tokens": 7, "heads_kv": 3, "head_dim": 24, "block_size": 16, "num_blocks": 2, "padded": 2},  # odd, padding
+            {"tokens": 1, "heads_kv": 1, "head_dim": 64, "block_size": 8, "num_blocks": 4},  # decode: one token
+        ]
+
+
+FAMILY = KVStoreFamily()
+
+
+def kv_store_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """The plain PyTorch equivalent: index_copy_ into the caches viewed as [slots, H, D].
+
+    Negative slots are dropped with a boolean mask, which costs a host sync on a GPU.
+    """
+    N, B, H, D = k_cache.shape
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    k_cache.view(N * B, H, D).index_copy_(0, slots, k)
+    v_cache.view(N * B, H, D).index_copy_(0, slots, v)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launcher(heads_kv: int, head_dim: int, block_size: int, dtype: str, config_json: str | None):
+    """The emitted module's ``launch`` for one (heads, head dim, block size, dtype, config), validated once."""
+    shape = {"tokens": 1, "heads_kv": heads_kv, "head_dim": head_dim, "block_size": block_size, "num_blocks": 1}
+    config = FAMILY.default_config(shape, dtype) if config_json is None else json.loads(config_json)
+    FAMILY.check_config(shape, dtype, config)
+    return FAMILY.module(shape, dtype, config).launch
+
+
+def kv_store(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    config: Config | None = None,
+) -> None:
+    """Write k, v [T, Hkv, D] into k_cache, v_cache [num_blocks, block_size, Hkv, D] at slot_mapping [T].
+
+    slot_mapping (int32 or int64) holds flat slots block * block_size + offset; a negative slot skips
+    its token. Every tensor needs a contiguous last dim; other strides may be anything (k and v may
+    be views of a fused QKV output, the caches one layer's view of a larger cache). Slots past the
+    cache raise ValueError when slot_mapping is on the CPU; on a GPU the check would cost a sync, so
+    there the kernel's device_assert guards instead (active under TRITON_DEBUG=1).
+    ``config`` None uses the family's default config.
+    """
+    fn = "kv_store"
+    for name, t, dims in (("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
+                          ("slot_mapping", slot_mapping, 1)):
+        checks.tensor(fn, name, t, dims)
+    checks.float_dtype(fn, "k", k)
+    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        checks.float_dtype(fn, name, t, like=k)
+    checks.index_dtype(fn, "slot_mapping", slot_mapping)
+    T, H, D = k.shape
+    N, B = k_cache.shape[:2]
+    checks.shape(fn, "v", v, (T, H, D), "[T, Hkv, D] like k")
+    checks.shape(fn, "k_cache", k_cache, (N, B, H, D), "[num_blocks, block_size, Hkv, D]")
+    checks.shape(fn, "v_cache", v_cache, (N, B, H, D), "[num_blocks, block_size, Hkv, D] like k_cache")
+    checks.shape(fn, "slot_mapping", slot_mapping, (T,), "[T]")
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"{fn}: config must be a dict or None, got {type(config).__name__}")
+    checks.same_device(fn, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        checks.unit_last_stride(fn, name, t)
+    if T == 0:
+        return
+    if slot_mapping.device.type == "cpu" and int(slot_mapping.max()) >= N * B:
+        raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is past the cache's {N * B} slots "
+                         f"({N} blocks of {B})")
+    key = None if config is None else json.dumps(config, sort_keys=True)
+    _launcher(H, D, B, dtype_name(k.dtype), key)(k, v, k_cache, v_cache, slot_mapping.contiguous())

@@ -1,0 +1,305 @@
+"""The rotary-embedding family: q and k rotated in place from a precomputed cos/sin cache.
+
+The Llama / Hugging Face convention ("rotate_half"): dimension i of a head pairs with i + D/2, and
+both use the angle position * inv_freq[i]. The cache row of a position holds cos of the D/2
+angles then their sin ([max_pos, D], vLLM's layout), built once by :func:`rope_cache`, which
+computes inv_freq exactly as transformers does for the default, ``linear`` and ``llama3`` rope
+types. Scaling lives entirely in the cache, so it changes no kernel text.
+
+Shape dicts are ``{"tokens", "heads_q", "heads_kv", "head_dim"}``; the template is
+``kernels/templates/rope.py.j2``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any
+
+import torch
+
+from kernels import checks
+from kernels.family import DTYPES, Config, Family, Shape, dtype_name, next_pow2, torch_dtype
+
+MAX_ELEMENTS_PER_THREAD = 32  # float32 values of one head group's two halves per thread
+CACHE_POSITIONS = 4096  # make_inputs: rows of the cos/sin cache
+THETA = 500000.0  # make_inputs: Llama 3's base
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}  # Llama 3.2's rope_scaling
+
+
+def _dims(shape: Shape) -> tuple[int, int, int, int]:
+    try:
+        T, Hq, Hkv, D = (int(shape[k]) for k in ("tokens", "heads_q", "heads_kv", "head_dim"))
+    except KeyError as e:
+        raise ValueError(f"rope shape needs keys tokens, heads_q, heads_kv and head_dim; {e.args[0]!r} is missing from {shape}") from None
+    if min(T, Hq, Hkv, D) < 1:
+        raise ValueError(f"rope shape dimensions must be positive, got {shape}")
+    if D % 2:
+        raise ValueError(f"rope: head_dim must be even (the two halves are rotated together), got {D}")
+    return T, Hq, Hkv, D
+
+
+# --- the cos/sin cache ----------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """inverse frequencies [head_dim // 2] in float32, as transformers' rope init functions compute them.
+
+    ``scaling`` is a Hugging Face ``rope_scaling`` / ``rope_parameters`` dict, or None for plain RoPE:
+    ``{"rope_type": "linear", "factor": f}`` divides every frequency by f;
+    ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}`` divides long wavelengths by ``factor``, keeps short ones
+    and interpolates smoothly between (Llama 3.1's scheme). ``"type"`` is accepted for ``"rope_type"``.
+    """
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"rope_cache: head_dim must be a positive even int, got {head_dim!r}")
+    if not isinstance(theta, (int, float)) or not theta > 0:
+        raise ValueError(f"rope_cache: theta must be a positive number, got {theta!r}")
+    kind = "default" if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
+    if scaling is not None and float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("rope_cache: partial_rotary_factor != 1 is not supported")
+    # The same float32 operations in the same order as transformers, so the frequencies match bit for bit.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
+    if kind == "default":
+        return inv_freq
+    need = {"linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    if kind not in need:
+        raise ValueError(f"rope_cache: unsupported rope_type {kind!r}; supported are 'default', 'linear' and 'llama3'")
+    missing = [k for k in need[kind] if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_cache: {kind} scaling needs key(s) {missing}")
+    factor = scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    if not high > low:
+        raise ValueError(f"rope_cache: llama3 scaling needs high_freq_factor > low_freq_factor, got {high} and {low}")
+    low_freq_wavelen = old_context / low
+    high_freq_wavelen = old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    # Wavelengths longer than the pre-training context are stretched by `factor`, shorter than
+    # a quarter of it (high_freq_factor 4) kept, and those between interpolated.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cache(
+    head_dim: int,
+    max_positions: int,
+    theta: float,
+    scaling: dict | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """cos/sin cache [max_positions, head_dim]: row p is cos(p * inv_freq) then sin(p * inv_freq).
+
+    Angles are position * inv_freq in float32 (as transformers' LlamaRotaryEmbedding forms them), so
+    the cache equals its cos and sin; see :func:`rope_inv_freq` for ``theta`` and ``scaling``.
+    """
+    if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
+        raise ValueError(f"rope_cache: max_positions must be a positive int, got {max_positions!r}")
+    if dtype not in DTYPES.values():
+        raise TypeError(f"rope_cache: dtype {dtype} is not one of {sorted(DTYPES)}")
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).to(device=device, dtype=dtype)
+
+
+# --- the family -----------------------------------------------------------------------------------
+class RopeFamily(Family):
+    name = "rope"
+    template_file = "rope.py.j2"
+    template_version = 1
+
+    def space(self, shape: Shape, dtype: str) -> dict[str, list]:
+        # Nothing here depends on `tokens`: a config tuned for one token count is valid for all.
+        _, Hq, Hkv, _ = _dims(shape)
+        torch_dtype(dtype)
+        return {
+            "HEAD_BLOCK": [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= next_pow2(max(Hq, Hkv))],
+            "BLOCK_T": [1, 2, 4, 8],
+            "num_warps": [1, 2, 4, 8],
+        }
+
+    def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
+        _, _, _, D = _dims(shape)
+        tile = config["HEAD_BLOCK"] * next_pow2(D // 2) * 2  # both halves of HEAD_BLOCK heads
+        threads = 32 * config["num_warps"]
+        if tile > MAX_ELEMENTS_PER_THREAD * threads:
+            return f"{config['HEAD_BLOCK']} heads of {D} are {tile // threads} values per thread"
+        if tile < threads:
+            return f"{config['num_warps']} warps for {config['HEAD_BLOCK']} heads of {D} leave threads idle"
+        return None
+
+    def default_config(self, shape: Shape, dtype: str) -> Config:
+        """All heads of a kind in one program (cos and sin loaded once), 16 values per thread."""
+        _, Hq, Hkv, D = _dims(shape)
+        half_pad = next_pow2(D // 2)
+        heads = min(next_pow2(max(Hq, Hkv)), max(1, 1024 // half_pad))
+        warps = min(8, max(1, heads * half_pad * 2 // 512))
+        return {"HEAD_BLOCK": heads, "BLOCK_T": 1, "num_warps": warps}
+
+    def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
+        _, Hq, Hkv, D = _dims(shape)
+        hb = config["HEAD_BLOCK"]
+        return {
+            "HEADS_Q": Hq,
+            "HEADS_KV": Hkv,
+            "HEAD_DIM": D,
+            "HALF": D // 2,
+            "HALF_PAD": next_pow2(D // 2),
+            "HEAD_BLOCK": hb,
+            "BLOCK_T": config["BLOCK_T"],
+            "EVEN_HALF": D // 2 == next_pow2(D // 2),
+            "EVEN_HEADS": Hq % hb == 0 and Hkv % hb == 0,
+            "NUM_WARPS": config["num_warps"],
+        }
+
+    # --- running ------------------------------------------------------------------------------
+    def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0) -> dict:
+        """q, k random; positions random in the cache; ``out`` [T, Hq + Hkv, D] receives q then k.
+
+        ``run`` copies q and k into their views of ``out`` and rotates those in place, so the
+        views have the strides of a fused QKV projection's output.
+        """
+        T, Hq, Hkv, D = _dims(shape)
+        dt = torch_dtype(dtype)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        return {
+            "q": torch.randn(T, Hq, D, generator=gen).to(device=device, dtype=dt),
+            "k": torch.randn(T, Hkv, D, generator=gen).to(device=device, dtype=dt),
+            "positions": torch.randint(0, CACHE_POSITIONS, (T,), generator=gen).to(device),
+            "cos_sin_cache": _cached_rope_cache(D, str(torch.device(device))),
+            "out": torch.empty(T, Hq + Hkv, D, device=device, dtype=dt),
+        }
+
+    def shape_of(self, inputs: dict) -> Shape:
+        T, Hq, D = inputs["q"].shape
+        return {"tokens": T, "heads_q": Hq, "heads_kv": inputs["k"].shape[1], "head_dim": D}
+
+    def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
+        out, Hq = inputs["out"], inputs["q"].shape[1]
+        q, k = out[:, :Hq], out[:, Hq:]
+        q.copy_(inputs["q"])
+        k.copy_(inputs["k"])
+        rope(q, k, inputs["positions"], inputs["cos_sin_cache"], config=config)
+        return out
+
+    def reference(self, inputs: dict) -> torch.Tensor:
+        cache = inputs["cos_sin_cache"][inputs["positions"]].double()
+        q, k = rope_torch(inputs["q"].double(), inputs["k"].double(), cache)
+        return torch.cat([q, k], dim=1)
+
+    def baseline(self, inputs: dict) -> torch.Tensor:
+        cache = inputs["cos_sin_cache"][inputs["positions"]]
+        return torch.cat(rope_torch(inputs["q"], inputs["k"], cache), dim=1)
+
+    def call(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, *,
+             config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope(q, k, positions, cos_sin_cache, config=config)
+
+    def shape_from_call(self, q: torch.Tensor, k: torch.Tensor, *_: Any, **__: Any) -> Shape:
+        return self.shape_of({"q": q, "k": k})
+
+    # --- cost model ---------------------------------------------------------------------------
+    def flops(self, shape: Shape) -> float:
+        T, Hq, Hkv, D = _dims(shape)
+        return float(T * (Hq + Hkv) * D * 3)  # per pair: 4 multiplies, 2 adds
+
+    def bytes(self, shape: Shape, dtype: str) -> float:
+        T, Hq, Hkv, D = _dims(shape)
+        elt = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+        # q and k read and written, a float32 cache row and an int64 position per token.
+        return float(2 * T * (Hq + Hkv) * D * elt + T * (D * 4 + 8))
+
+    def tiny_shapes(self) -> list[Shape]:
+        return [
+            {"tokens": 5, "heads_q": 4, "heads_kv": 2, "head_dim": 16},  # GQA, powers of two
+            {"tokens": 3, "heads_q": 6, "heads_kv": 3, "head_dim": 24},  # odd heads, half dim 12
+            {"tokens": 1, "heads_q": 2, "heads_kv": 2, "head_dim": 64},  # decode, multi-head
+        ]
+
+
+FAMILY = RopeFamily()
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_rope_cache(head_dim: int, device: str) -> torch.Tensor:
+    """make_inputs' cache (Llama 3.2's scaling), built once per head dim and device."""
+    return rope_cache(head_dim, CACHE_POSITIONS, THETA, LLAMA3_SCALING, device=device)
+
+
+def rope_torch(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch rotate_half RoPE (out of place) from the gathered cache rows cos_sin [T, D]."""
+    half = q.shape[-1] // 2
+    cos = torch.cat([cos_sin[:, :half]] * 2, dim=-1)[:, None, :].to(q.dtype)
+    sin = torch.cat([cos_sin[:, half:]] * 2, dim=-1)[:, None, :].to(q.dtype)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@functools.lru_cache(maxsize=1024)
+def _launcher(heads_q: int, heads_kv: int, head_dim: int, dtype: str, config_json: str | None):
+    """The emitted module's ``launch`` for one (head counts, head dim, dtype, config), validated once."""
+    shape = {"tokens": 1, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim}
+    config = FAMILY.default_config(shape, dtype) if config_json is None else json.loads(config_json)
+    FAMILY.check_config(shape, dtype, config)
+    return FAMILY.module(shape, dtype, config).launch
+
+
+def rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    *,
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by the angles of their tokens' positions.
+
+    positions [T] int32 or int64 index rows of cos_sin_cache [max_pos, D] (from :func:`rope_cache`;
+    float32 or q's dtype). q and k need a contiguous last dim; their token and head strides may be
+    anything (views into a fused QKV output). D must be even. Returns (q, k), rotated.
+    ``config`` None uses the family's default config.
+    """
+    fn = "rope"
+    checks.tensor(fn, "q", q, 3)
+    checks.tensor(fn, "k", k, 3)
+    checks.tensor(fn, "positions", positions, 1)
+    checks.tensor(fn, "cos_sin_cache", cos_sin_cache, 2)
+    checks.float_dtype(fn, "q", q)
+    checks.float_dtype(fn, "k", k, like=q)
+    checks.index_dtype(fn, "positions", positions)
+    if cos_sin_cache.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"rope: cos_sin_cache has dtype {cos_sin_cache.dtype}; expected torch.float32 or q's {q.dtype}")
+    T, Hq, D = q.shape
+    if D % 2:
+        raise ValueError(f"rope: head dim must be even (the two halves are rotated together), got {D}")
+    if k.shape[0] != T or k.shape[2] != D:
+        raise ValueError(f"rope: k must be [T, Hkv, D] = [{T}, Hkv, {D}] like q, got {list(k.shape)}")
+    checks.shape(fn, "positions", positions, (T,), "[T]")
+    if cos_sin_cache.shape[1] != D:
+        raise ValueError(f"rope: cos_sin_cache must be [max_pos, D] with D = {D}, got {list(cos_sin_cache.shape)}")
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"rope: config must be a dict or None, got {type(config).__name__}")
+    checks.same_device(fn, q=q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)
+    positions = positions.contiguous()  # the kernel reads position t at offset t
+    for name, t in (("q", q), ("k", k), ("cos_sin_cache", cos_sin_cache)):
+        checks.unit_last_stride(fn, name, t)
+    if positions.device.type == "cpu" and T > 0:
+        # Cheap on the host; on a GPU it would cost a sync, so there the kernel's device_assert guards
+        # (active under TRITON_DEBUG=1).
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= cos_sin_cache.shape[0]:
+            raise ValueError(f"rope: positions span [{lo}, {hi}] but the cache has {cos_sin_cache.shape[0]} rows")
+    if T > 0:
+        key = None if config is None else json.dumps(config, sort_keys=True)
+        _launcher(Hq, k.shape[1], D, dtype_name(q.dtype), key)(q, k, positions, cos_sin_cache)
+    return q, k
