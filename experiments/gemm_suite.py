@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = precompile(jobs, args.workers if torch.cuda.is_available() else 1)
     failed = {(json.dumps(jobs[i][0]), jobs[i][1], json.dumps(jobs[i][2], sort_keys=True)): e for i, e in errors.items()}
     print(f"compiled in {time.time() - start:.0f}s, {len(failed)} failed")
+    for err in sorted(set(failed.values()))[:3]:
+        print("  e.g.", err)
     copy_gbps = copy_bandwidth_gbps()
 
     meta = {
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         del inputs, ref
 
     df = pd.DataFrame(rows)
+    if "best" not in set(df["kind"]):
+        raise SystemExit("no candidate ran correctly on any shape; see the errors above")
     piv = df.pivot_table(index=["dtype", "M", "N", "K"], columns="kind", values="ms").reset_index()
     piv["best_vs_cublas"] = piv["cublas"] / piv["best"]
     piv["default_vs_cublas"] = piv["cublas"] / piv["default"]
