@@ -1,0 +1,112 @@
+"""The Llama forward pass over a paged KV cache.
+
+Weights are kept fused as loaded (engine/loader.py): per layer one QKV projection
+[(Hq + 2 Hkv) * D, H] and one gate/up projection [2 I, H]. Every operator goes through the backend
+(engine/ops), one call each, so a backend can move any of them onto a Triton kernel:
+
+    h = embed[ids]
+    per layer:  x, r = rmsnorm(h, r)              (residual add fused; r = h on the first layer)
+                q, k, v = split(linear(x, Wqkv)); rope(q, k, positions)
+                kv_store(k, v -> cache by slot_mapping)
+                h = linear(paged_attention(q, cache), Wo)
+                x, r = rmsnorm(h, r); h = linear(silu_mul(linear(x, Wgate_up)), Wdown)
+    final:      x, _ = rmsnorm(h, r); logits = linear(x[rows], Wlm_head)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import ModelConfig
+from engine.models.rope import cos_sin_cache
+from engine.ops.torch_ops import TorchOps
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [H]
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, H]
+    o: torch.Tensor  # [H, Hq * D]
+    post_norm: torch.Tensor  # [H]
+    gate_up: torch.Tensor  # [2 I, H]
+    down: torch.Tensor  # [H, I]
+
+
+@dataclass
+class LlamaWeights:
+    embed: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H]; the embedding itself when tied
+
+
+@dataclass
+class AttentionMetadata:
+    """What one step's attention needs, for B sequences packing T new tokens.
+
+    slot_mapping [T] int64, block_tables [B, max_blocks] int32, cu_seqlens_q [B + 1] int32,
+    context_lens [B] int32 (cached tokens per sequence, this step's included), max_seqlen_q.
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    context_lens: torch.Tensor
+    max_seqlen_q: int
+
+
+class LlamaModel:
+    """A Llama model bound to its weights, its operator backend and its RoPE table."""
+
+    def __init__(self, config: ModelConfig, weights: LlamaWeights, ops: TorchOps, device: torch.device) -> None:
+        self.config = config
+        self.weights = weights
+        self.ops = ops
+        self.cos_sin = cos_sin_cache(config.rope, config.head_dim, config.max_position_embeddings, device)
+        self.sm_scale = config.head_dim**-0.5
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        k_caches: torch.Tensor,
+        v_caches: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hidden states [T, H] after the final norm, for input_ids and positions [T] (int64).
+
+        k_caches and v_caches [num_layers, num_blocks, block_size, Hkv, D] receive the new K and V.
+        """
+        cfg, ops, w = self.config, self.ops, self.weights
+        T = input_ids.shape[0]
+        h = w.embed[input_ids]
+        residual = None
+        for i, layer in enumerate(w.layers):
+            x, residual = ops.rmsnorm(h, layer.input_norm, cfg.rms_norm_eps, residual)
+            qkv = ops.linear(x, layer.qkv)
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = q.reshape(T, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+            ops.rope(q, k, positions, self.cos_sin)
+            ops.kv_store(k, v, k_caches[i], v_caches[i], meta.slot_mapping)
+            attn = ops.paged_attention(
+                q,
+                k_caches[i],
+                v_caches[i],
+                meta.block_tables,
+                meta.cu_seqlens_q,
+                meta.context_lens,
+                meta.max_seqlen_q,
+                self.sm_scale,
+            )
+            h = ops.linear(attn.reshape(T, cfg.q_size), layer.o)
+            x, residual = ops.rmsnorm(h, layer.post_norm, cfg.rms_norm_eps, residual)
+            h = ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up)), layer.down)
+        out, _ = ops.rmsnorm(h, w.norm, cfg.rms_norm_eps, residual)
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [R, H] -> logits [R, V] float32 (the LM head runs in the model dtype, as transformers does)."""
+        return self.ops.linear(hidden, self.weights.lm_head).float()

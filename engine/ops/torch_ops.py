@@ -1,0 +1,85 @@
+"""The model's operators in plain PyTorch: the reference backend (``kernels="torch"``).
+
+Each operator is one method so that a backend can replace any of them with a Triton family
+(engine/ops/triton_ops.py). The arithmetic mirrors transformers' Llama step by step (which ops run
+in the model dtype and which in float32) so that greedy tokens agree token for token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.ops.paged_attention_torch import paged_attention
+
+
+class TorchOps:
+    """Operators of the Llama forward pass, computed by PyTorch."""
+
+    name = "torch"
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [T, K] @ weight[N, K]^T -> [T, N] in x's dtype."""
+        return F.linear(x, weight)
+
+    def rmsnorm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm with the residual add fused in front.
+
+        x [T, H], weight [H], residual [T, H] or None. Returns (normed [T, H], new residual [T, H])
+        where new residual = x + residual (x itself when residual is None), summed in the model
+        dtype, and normed = weight * (r / sqrt(mean(r^2) + eps)) with the statistics in float32.
+        """
+        r = x if residual is None else x + residual
+        r32 = r.float()
+        normed = r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * normed.to(r.dtype), r
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T] (int).
+
+        cos_sin [max_positions, 2, D/2] float32 (engine/models/rope.py). The rotation runs in the
+        model dtype with cos/sin rounded to it, as transformers does.
+        """
+        cs = cos_sin[positions].to(q.dtype)  # [T, 2, D/2]
+        cos = torch.cat((cs[:, 0], cs[:, 0]), dim=-1)[:, None, :]  # [T, 1, D]
+        sin = torch.cat((cs[:, 1], cs[:, 1]), dim=-1)[:, None, :]
+        for x in (q, k):
+            half = x.shape[-1] // 2
+            rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+            x.copy_(x * cos + rotated * sin)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU activation: gate_up [T, 2I] = [gate | up] -> silu(gate) * up [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def kv_store(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Write the step's new k, v [T, Hkv, D] into the paged caches [num_blocks, block_size, Hkv, D].
+
+        slot_mapping [T] (int): flat slot ``block * block_size + offset`` of each token.
+        """
+        num_blocks, block_size = k_cache.shape[:2]
+        k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k
+        v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v
+
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        context_lens: torch.Tensor,
+        max_seqlen_q: int,
+        sm_scale: float,
+    ) -> torch.Tensor:
+        """Attention of each sequence's new queries against its paged cache (see paged_attention_torch)."""
+        return paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, sm_scale=sm_scale)

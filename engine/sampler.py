@@ -1,0 +1,65 @@
+"""Token sampling, vectorised over the batch.
+
+For a batch of logits [B, V] (float32) and each row's temperature, top-k and top-p:
+- greedy rows (temperature 0) take the argmax of the raw logits;
+- other rows divide by their temperature, keep their top_k largest logits (0: all), keep the
+  smallest prefix of the sorted distribution whose probability reaches top_p (the most likely
+  token always stays), and draw from the renormalised rest by the exponential race
+  ``argmax(p_i / E_i)`` with E_i ~ Exp(1), which picks token i with probability p_i.
+Rows with a seed draw their noise E from their own ``torch.Generator``, advanced by exactly V draws
+per sampled token, so a seeded request's tokens do not depend on its neighbours in the batch nor
+on preemption; unseeded rows share the engine's generator.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Sampler:
+    """Draws one token per row of a logits batch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.seed()
+
+    def request_generator(self, seed: int) -> torch.Generator:
+        """A generator for one seeded request (kept by the request across steps)."""
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        generators: list[torch.Generator | None],
+    ) -> torch.Tensor:
+        """Tokens [B] (int64) for logits [B, V] float32; temperature and top_p [B] float32,
+        top_k [B] int64 (0: no limit), one generator or None per row."""
+        greedy_tokens = logits.argmax(dim=-1)
+        greedy = temperature == 0
+        if bool(greedy.all()):
+            return greedy_tokens
+        B, V = logits.shape
+        scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        ranks = torch.arange(V, device=logits.device)
+        drop = ranks[None, :] >= torch.where(top_k > 0, top_k, V)[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (rows with top_p 1 keep
+        # all: their cumulative sum may round to 1 before the last token).
+        drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
+        probs = probs.masked_fill(drop, 0.0)
+        noise = torch.empty_like(probs)
+        shared = [i for i, g in enumerate(generators) if g is None]
+        if shared:
+            noise[shared] = torch.empty(len(shared), V, device=logits.device).exponential_(generator=self.generator)
+        for i, g in enumerate(generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        # A zero draw would turn a dropped token's 0 / 0 into NaN, which argmax would pick.
+        choice = (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        sampled = order.gather(1, choice[:, None])[:, 0]
+        return torch.where(greedy, greedy_tokens, sampled)
