@@ -18,7 +18,7 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (see engine/models/rope.py for what each does)."""
+    """Rotary embedding parameters (``kernels.rope.rope_inv_freq`` says what each does)."""
 
     rope_type: str = "default"
     theta: float = 10000.0
@@ -26,6 +26,19 @@ class RopeConfig:
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
     original_max_position_embeddings: int = 8192  # llama3 only
+
+    def scaling(self) -> dict[str, Any] | None:
+        """The Hugging Face rope_scaling dict of this RoPE (None for plain RoPE)."""
+        if self.rope_type == "default":
+            return None
+        out: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            out.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        return out
 
 
 @dataclass(frozen=True)

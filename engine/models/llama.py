@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ModelConfig
-from engine.models.rope import cos_sin_cache
 from engine.ops.torch_ops import TorchOps
+from kernels.rope import rope_cache
 
 
 @dataclass
@@ -63,7 +63,10 @@ class LlamaModel:
         self.config = config
         self.weights = weights
         self.ops = ops
-        self.cos_sin = cos_sin_cache(config.rope, config.head_dim, config.max_position_embeddings, device)
+        # [max_positions, D] float32: cos(p * inv_freq) then sin(p * inv_freq), the rope family's layout.
+        self.cos_sin = rope_cache(
+            config.head_dim, config.max_position_embeddings, config.rope.theta, config.rope.scaling(), device=device
+        )
         self.sm_scale = config.head_dim**-0.5
 
     def forward(

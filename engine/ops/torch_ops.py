@@ -38,14 +38,15 @@ class TorchOps:
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T] (int).
 
-        cos_sin [max_positions, 2, D/2] float32 (engine/models/rope.py). The rotation runs in the
-        model dtype with cos/sin rounded to it, as transformers does.
+        cos_sin [max_positions, D] float32 holds cos then sin of each position's D/2 angles
+        (``kernels.rope.rope_cache``). The rotation runs in the model dtype with cos and sin
+        rounded to it, as transformers does: x * cos + rotate_half(x) * sin.
         """
-        cs = cos_sin[positions].to(q.dtype)  # [T, 2, D/2]
-        cos = torch.cat((cs[:, 0], cs[:, 0]), dim=-1)[:, None, :]  # [T, 1, D]
-        sin = torch.cat((cs[:, 1], cs[:, 1]), dim=-1)[:, None, :]
+        half = q.shape[-1] // 2
+        rows = cos_sin[positions].to(q.dtype)  # [T, D]
+        cos = torch.cat((rows[:, :half], rows[:, :half]), dim=-1)[:, None, :]  # [T, 1, D]
+        sin = torch.cat((rows[:, half:], rows[:, half:]), dim=-1)[:, None, :]
         for x in (q, k):
-            half = x.shape[-1] // 2
             rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
             x.copy_(x * cos + rotated * sin)
 

@@ -1,0 +1,159 @@
+"""The engine's control plane without a model: block manager invariants and scheduler budgets,
+chunked prefill, preemption and stop conditions, driven by a fake model that emits random tokens."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.block_manager import BlockManager
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+
+
+def _seq(i: int, n_prompt: int, max_tokens: int = 8, **kw) -> Sequence:
+    return Sequence(i, list(range(10, 10 + n_prompt)), SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw))
+
+
+def _scheduler(num_blocks=16, block_size=4, max_num_seqs=4, max_tokens=16, eos=(), max_model_len=None):
+    bm = BlockManager(num_blocks, block_size)
+    return Scheduler(
+        bm,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_tokens,
+        max_model_len=max_model_len or num_blocks * block_size,
+        eos_token_ids=eos,
+    )
+
+
+def _drive(sched: Scheduler, seqs: list[Sequence], rng: random.Random, token=lambda rng: rng.randrange(100, 200)):
+    """Run the scheduler to completion, checking budgets and block invariants at every step."""
+    for s in seqs:
+        sched.add(s)
+    steps = 0
+    while sched.has_unfinished():
+        batch = sched.schedule()
+        live = sched.running + list(sched.waiting)
+        sched.block_manager.check_invariants(live)
+        assert batch.num_tokens <= sched.max_num_batched_tokens
+        assert len(batch.seqs) <= sched.max_num_seqs and len(sched.running) <= sched.max_num_seqs
+        assert len({s.seq_id for s in batch.seqs}) == len(batch.seqs), "a sequence scheduled twice in a step"
+        for s, n in zip(batch.seqs, batch.num_new_tokens):
+            assert n >= 1 and s.num_computed_tokens + n <= s.num_tokens
+            assert len(s.block_table) * sched.block_manager.block_size >= s.num_computed_tokens + n
+        for s in sched.waiting:
+            assert s.block_table == [] and s.num_computed_tokens == 0, "a waiting sequence holds cache"
+        sampled = [token(rng) if flag else None for flag in batch.sampling]
+        sched.postprocess(batch, sampled)
+        steps += 1
+        assert steps < 10_000, "the scheduler stopped making progress"
+    sched.block_manager.check_invariants([])
+    return steps
+
+
+def test_block_manager_grow_and_free():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    a, b = _seq(0, 6), _seq(1, 3)
+    assert bm.blocks_needed(a, 6) == 2
+    bm.grow(a, 6)
+    bm.grow(b, 3)
+    assert len(a.block_table) == 2 and len(b.block_table) == 1 and bm.num_free_blocks == 2
+    a.num_computed_tokens = 6
+    assert bm.blocks_needed(a, 2) == 0 and bm.blocks_needed(a, 3) == 1  # 8 fit in 2 blocks, 9 do not
+    assert not bm.can_grow(a, 15)
+    bm.check_invariants([a, b])
+    with pytest.raises(AssertionError, match="neither free nor owned"):
+        bm.check_invariants([a])  # b's block is unaccounted for
+    bm.free(a)
+    assert a.block_table == [] and a.num_computed_tokens == 0 and bm.num_free_blocks == 4
+    bm.check_invariants([b])
+    b.block_table.append(b.block_table[0])
+    with pytest.raises(AssertionError, match="owned by sequences"):
+        bm.check_invariants([b])
+
+
+def test_chunked_prefill_respects_token_budget():
+    sched = _scheduler(num_blocks=32, max_tokens=8)
+    long, short = _seq(0, 21, max_tokens=2), _seq(1, 3, max_tokens=2)
+    sched.add(long)
+    sched.add(short)
+    chunks = []
+    for _ in range(3):
+        batch = sched.schedule()
+        chunks.append(list(zip([s.index for s in batch.seqs], batch.num_new_tokens, batch.sampling)))
+        sched.postprocess(batch, [150 if f else None for f in batch.sampling])
+    # 21 prompt tokens at 8 per step; the short prompt waits for the budget behind it (FCFS).
+    assert chunks[0] == [(0, 8, False)]
+    assert chunks[1] == [(0, 8, False)]
+    assert chunks[2] == [(0, 5, True), (1, 3, True)]
+    assert sched.stats.partial_prefills == 2 and long.num_output_tokens == 1
+
+
+def test_preempts_newest_and_recomputes():
+    # 6 blocks of 4 slots; two sequences of 9 prompt tokens (3 blocks each) fill the cache, so the
+    # first decode step that needs a fourth block preempts the newer one.
+    sched = _scheduler(num_blocks=6, max_tokens=32)
+    old, new = _seq(0, 9, max_tokens=6), _seq(1, 9, max_tokens=6)
+    sched.add(old)
+    sched.add(new)
+    batch = sched.schedule()
+    assert [s.index for s in batch.seqs] == [0, 1]
+    sched.postprocess(batch, [150, 151])
+    # Decode steps write positions 9, 10 and 11 into the third block; position 12 needs a fourth.
+    for _ in range(3):
+        batch = sched.schedule()
+        sched.postprocess(batch, [150 if f else None for f in batch.sampling])
+    assert sched.stats.preemptions == 0
+    batch = sched.schedule()
+    assert batch.seqs == [old] and sched.stats.preemptions == 1
+    sched.postprocess(batch, [150])
+    assert new.status is SequenceStatus.WAITING and new.block_table == [] and new.num_computed_tokens == 0
+    assert old.status is SequenceStatus.RUNNING and len(old.block_table) == 4
+    generated = list(new.output_token_ids)
+    # Recompute: the preempted sequence later re-feeds its prompt and generated tokens at once.
+    while not new.is_finished:
+        batch = sched.schedule()
+        if new in batch.seqs and new.num_computed_tokens == 0:
+            assert batch.num_new_tokens[batch.seqs.index(new)] == new.num_tokens
+        sched.postprocess(batch, [150 if f else None for f in batch.sampling])
+    assert new.output_token_ids[: len(generated)] == generated and new.num_output_tokens == 6
+    sched.block_manager.check_invariants(sched.running + list(sched.waiting))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_workload_invariants(seed):
+    rng = random.Random(seed)
+    sched = _scheduler(num_blocks=rng.choice([12, 20, 40]), block_size=rng.choice([1, 3, 4]),
+                       max_num_seqs=rng.choice([1, 3, 8]), max_tokens=rng.choice([1, 5, 16]))
+    cap = sched.block_manager.num_blocks * sched.block_manager.block_size
+    seqs = [_seq(i, rng.randint(1, min(cap, 30)), max_tokens=rng.randint(1, 12)) for i in range(12)]
+    _drive(sched, seqs, rng)
+    for s in seqs:
+        assert s.is_finished and s.block_table == []
+        assert s.finish_reason == "length"
+        assert s.num_output_tokens == s.params.max_tokens or s.num_tokens > sched.max_model_len
+
+
+def test_stop_conditions():
+    rng = random.Random(0)
+    sched = _scheduler(eos=(7,))
+    script = iter([5, 7, 5, 9, 5, 5])  # tokens handed out in order
+    a = _seq(0, 3, max_tokens=10)  # stops at EOS 7
+    _drive(sched, [a], rng, token=lambda _: next(script))
+    assert a.output_token_ids == [5, 7] and a.finish_reason == "stop"
+
+    script = iter([5, 7, 5, 9, 5, 5])
+    b = _seq(1, 3, max_tokens=10, ignore_eos=True, stop_token_ids=(9,))  # EOS ignored, stops at 9
+    _drive(sched, [b], rng, token=lambda _: next(script))
+    assert b.output_token_ids == [5, 7, 5, 9] and b.finish_reason == "stop"
+
+    c = _seq(2, 3, max_tokens=3, ignore_eos=True)
+    _drive(sched, [c], rng, token=lambda _: 7)
+    assert c.output_token_ids == [7, 7, 7] and c.finish_reason == "length"
+
+    # The model's context is full: stop at max_model_len + 1 tokens whatever max_tokens says.
+    short = _scheduler(max_model_len=6)
+    d = _seq(3, 4, max_tokens=10)
+    _drive(short, [d], rng)
+    assert d.num_tokens == 7 and d.finish_reason == "length"
