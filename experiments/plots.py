@@ -94,6 +94,8 @@ def convergence(df: pd.DataFrame, out: Path) -> Path | None:
 def throughput(df: pd.DataFrame, out: Path) -> Path | None:
     """Grouped bars per shape: each impl's achieved TFLOP/s (compute-bound families) or GB/s."""
     k = _kernel_rows(df)
+    if k.empty:
+        return None
     k = k[k["impl"] != "trial"]
     if k.empty:
         return None
@@ -119,7 +121,9 @@ def throughput(df: pd.DataFrame, out: Path) -> Path | None:
 def roofline(df: pd.DataFrame, out: Path) -> Path | None:
     """Achieved TFLOP/s against arithmetic intensity (FLOP/byte), under min(peak, intensity x bandwidth)."""
     k = _kernel_rows(df)
-    k = k[(k["impl"] != "trial") & (pd.to_numeric(k["intensity"], errors="coerce") > 0)]
+    if k.empty:
+        return None
+    k = k[(k["impl"] != "trial") & (pd.to_numeric(k["intensity"], errors="coerce") > 0)]  # log axes: FLOPs > 0
     if k.empty:
         return None
     k = k.assign(series=_series(k))

@@ -89,7 +89,7 @@ class WandbLogger(Logger):
 
     def finish(self) -> None:
         sync_dir = self.run.settings.sync_dir
-        url = self.run.url
+        url = self.run.url if self.mode == "online" else None
         self.run.finish()
         if self.mode == "offline":
             print(f"W&B offline run saved in {sync_dir}; upload it with: wandb sync {sync_dir}")
