@@ -225,7 +225,7 @@ def matmul(
     if b.dtype != a.dtype:
         raise TypeError(f"matmul: a is {a.dtype} but b is {b.dtype}; both must have one dtype")
     if a.device != b.device:
-        raise ValueError(f"matmul: a is on {a.device} but b is on {b.device}")
+        raise ValueError(f"matmul: operands on different devices: a is on {a.device}, b on {b.device}")
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul: inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
     if config is not None and not isinstance(config, dict):
