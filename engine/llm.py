@@ -86,6 +86,8 @@ class LLM:
         max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         if num_kv_blocks is not None:
             num_kv_blocks = _positive_int("num_kv_blocks", num_kv_blocks)
+        if kernels == "triton" and block_size & (block_size - 1):
+            raise ValueError(f"LLM: block_size must be a power of two for kernels='triton', got {block_size}")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"LLM: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
