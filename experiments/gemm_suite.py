@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter)")
     parser.add_argument("--out", help="CSV path (default results/gemm_suite_<device>.csv)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shapes", help="MxNxK,... instead of the suite")
+    parser.add_argument("--configs", help="JSON list of configs to time (with the default) instead of sampling")
+    parser.add_argument("--b-row-major", action="store_true", help="B as a row-major [K, N] matrix, not a weight view")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -130,10 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     device = default_device()
     facts = device_facts(device)
     shapes = QUICK if args.quick else SUITE
+    if args.shapes:
+        shapes = [dict(zip("MNK", map(int, s.split("x")))) for s in args.shapes.split(",")]
+    if args.b_row_major:
+        shapes = [{**s, "b_transposed": False} for s in shapes]
     dtypes = args.dtypes.split(",")
     if args.quick:
         dtypes = [d for d in dtypes if d != "bfloat16" or torch.cuda.is_available()] or ["float16"]
-    plan = [(s, d, candidates(fam, s, d, args.cap, args.seed)) for d in dtypes for s in shapes]
+    if args.configs:
+        fixed = json.loads(args.configs)
+        plan = [(s, d, [fam.default_config(s, d)] + [c for c in fixed if fam.reject(s, d, c) is None])
+                for d in dtypes for s in shapes]
+    else:
+        plan = [(s, d, candidates(fam, s, d, args.cap, args.seed)) for d in dtypes for s in shapes]
     jobs = [(s, d, c) for s, d, cfgs in plan for c in cfgs]
     print(f"{len(jobs)} candidates over {len(plan)} (shape, dtype) points; compiling with {args.workers} workers")
     errors = precompile(jobs, args.workers if torch.cuda.is_available() else 1)
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def row(kind: str, cfg: dict | None, t: tuple[float, float, float], tried: int = 1, bad: int = 0) -> dict:
             ms = t[0]
-            return {**meta, "dtype": dtype, **shape, "kind": kind, "config": json.dumps(cfg) if cfg else "",
+            return {**meta, "dtype": dtype, **{k: shape[k] for k in "MNK"}, "kind": kind, "config": json.dumps(cfg) if cfg else "",
                     "ms": ms, "ms_p20": t[1], "ms_p80": t[2], "TFLOPs": flops / ms / 1e9,
                     "GBps": nbytes / ms / 1e6, "roofline_frac": (nbytes / ms / 1e6) / copy_gbps
                     if math.isfinite(copy_gbps) else float("nan"), "tried": tried, "failed": bad}
