@@ -124,7 +124,8 @@ class KVStoreFamily(Family):
 
     def baseline(self, inputs: dict) -> torch.Tensor:
         caches = torch.stack([inputs["k_cache"], inputs["v_cache"]])
-        kv_store_torch(inputs["k"], inputs["v"], caches[0], caches[1], inputs["slot_mapping"])
+        keep = inputs["slot_mapping"] >= 0
+        kv_store_torch(inputs["k"][keep], inputs["v"][keep], caches[0], caches[1], inputs["slot_mapping"][keep])
         return caches
 
     def tolerance(self, dtype: str, device: torch.device | str) -> float:
@@ -164,15 +165,11 @@ def kv_store_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                    slot_mapping: torch.Tensor) -> None:
     """The plain PyTorch equivalent: index_copy_ into the caches viewed as [slots, H, D].
 
-    Negative slots are dropped with a boolean mask, which costs a host sync on a GPU.
+    Every slot must be valid (dropping negative ones would need a host sync on a GPU).
     """
     N, B, H, D = k_cache.shape
-    slots = slot_mapping.long()
-    keep = slots >= 0
-    if not bool(keep.all()):
-        slots, k, v = slots[keep], k[keep], v[keep]
-    k_cache.view(N * B, H, D).index_copy_(0, slots, k)
-    v_cache.view(N * B, H, D).index_copy_(0, slots, v)
+    k_cache.view(N * B, H, D).index_copy_(0, slot_mapping.long(), k)
+    v_cache.view(N * B, H, D).index_copy_(0, slot_mapping.long(), v)
 
 
 @functools.lru_cache(maxsize=1024)

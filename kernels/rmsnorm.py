@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kernels import checks
-from kernels.family import Config, Family, Shape, dtype_name, next_pow2, torch_dtype
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, tolerance, torch_dtype
 
 VARIANTS = ("row", "chunked")
 CHUNKS = (64, 128, 256, 512, 1024, 2048, 4096)  # chunked variant: columns per chunk
@@ -140,6 +140,10 @@ class RMSNormFamily(Family):
     def shape_from_call(self, x: torch.Tensor, weight: torch.Tensor, eps: float = EPS, *,
                         residual: torch.Tensor | None = None, **_: Any) -> Shape:
         return {"tokens": x.shape[0], "hidden": x.shape[1], "residual": residual is not None}
+
+    def tolerance(self, dtype: str, device: torch.device | str) -> float:
+        # No matrix units here: float32 stays float32 on a GPU too (no TF32 allowance).
+        return 1e-5 if dtype == "float32" else tolerance(dtype, device)
 
     # --- cost model ---------------------------------------------------------------------------
     def flops(self, shape: Shape) -> float:

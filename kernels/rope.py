@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from kernels import checks
-from kernels.family import DTYPES, Config, Family, Shape, dtype_name, next_pow2, torch_dtype
+from kernels.family import DTYPES, Config, Family, Shape, dtype_name, next_pow2, tolerance, torch_dtype
 
 MAX_ELEMENTS_PER_THREAD = 32  # float32 values of one head group's two halves per thread
 CACHE_POSITIONS = 4096  # make_inputs: rows of the cos/sin cache
@@ -204,6 +204,10 @@ class RopeFamily(Family):
 
     def shape_from_call(self, q: torch.Tensor, k: torch.Tensor, *_: Any, **__: Any) -> Shape:
         return self.shape_of({"q": q, "k": k})
+
+    def tolerance(self, dtype: str, device: torch.device | str) -> float:
+        # No matrix units here: float32 stays float32 on a GPU too (no TF32 allowance).
+        return 1e-5 if dtype == "float32" else tolerance(dtype, device)
 
     # --- cost model ---------------------------------------------------------------------------
     def flops(self, shape: Shape) -> float:

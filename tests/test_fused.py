@@ -382,3 +382,21 @@ def test_gpu_compile_rejects_what_only_the_interpreter_accepts(tmp_path) -> None
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert "rejected: True" in run.stdout, run.stdout + run.stderr[-2000:]
+
+
+def test_fused_suite_quick_writes_its_table(tmp_path) -> None:
+    import pandas as pd
+
+    from experiments import fused_suite
+
+    out = tmp_path / "fused.csv"
+    assert fused_suite.main(["--quick", "--no-compile", "--ops", "rmsnorm_residual,kv_store", "--cap", "1",
+                             "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert {"device", "torch", "triton", "date", "copy_GBps", "GBps", "copy_frac", "rel_err", "speedup_vs_torch"} <= set(df)
+    for op in ("rmsnorm_residual", "kv_store"):
+        for tokens in fused_suite.TOKENS_QUICK:
+            got = df[(df.op == op) & (df.tokens == tokens)]
+            assert set(got.kind) == {"torch", "triton_default", "triton_best"}, (op, tokens)
+            assert (got.ms > 0).all() and (got.failed == 0).all()
+    assert (df[df.op == "kv_store"].rel_err == 0).all()

@@ -1,0 +1,300 @@
+"""Fused-op suite: rmsnorm, rope, silu_mul and kv_store at Llama-3.2-1B shapes, against PyTorch.
+
+    python -m experiments.fused_suite                    # the GPU suite, bfloat16
+    python -m experiments.fused_suite --quick            # tiny shapes, runs on the CPU interpreter
+
+Shapes: hidden 2048, intermediate 8192, 32 query and 8 KV heads of 64, KV blocks of 16 tokens,
+at 1, 32, 256 and 4096 tokens (decode batches to a long prefill chunk); rmsnorm with and without
+the fused residual add. For each op and token count: every candidate (the default config and a
+capped sample of ``configs()``) is checked against the float64 reference on NaN-poisoned outputs
+first (a wrong one is dropped), then timed with ``triton.testing.do_bench`` (median, L2 flushed)
+beside plain PyTorch eager and, for the ops where it is cheap, ``torch.compile`` of the same
+PyTorch code, in this process. The ops are memory-bound: each row reports GB/s from the family's
+byte count and its fraction of the device-to-device copy bandwidth measured in the same run.
+Writes one CSV (a row per (op, tokens, kind)) with device, versions and date, and prints a summary.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime as dt
+import functools
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+import kernels
+from kernels import kv_store as kvs
+from kernels import rmsnorm as rms
+from kernels import rope as rp
+from kernels import silu_mul as sm
+from kernels.device import default_device, device_facts
+from kernels.family import Family, rel_error
+
+LLAMA_1B = {"hidden": 2048, "intermediate": 8192, "heads_q": 32, "heads_kv": 8, "head_dim": 64, "block_size": 16}
+TINY = {"hidden": 64, "intermediate": 96, "heads_q": 4, "heads_kv": 2, "head_dim": 16, "block_size": 4}
+TOKENS = (1, 32, 256, 4096)
+TOKENS_QUICK = (1, 5)
+OPS = ("rmsnorm", "rmsnorm_residual", "rope", "silu_mul", "kv_store")
+
+
+def op_shape(op: str, model: dict, tokens: int, max_tokens: int) -> tuple[str, dict]:
+    """(family name, shape) of ``op`` at ``tokens``; the KV cache holds twice the largest step."""
+    if op.startswith("rmsnorm"):
+        return "rmsnorm", {"tokens": tokens, "hidden": model["hidden"], "residual": op == "rmsnorm_residual"}
+    if op == "rope":
+        return "rope", {"tokens": tokens, "heads_q": model["heads_q"], "heads_kv": model["heads_kv"],
+                        "head_dim": model["head_dim"]}
+    if op == "silu_mul":
+        return "silu_mul", {"tokens": tokens, "intermediate": model["intermediate"]}
+    blocks = 2 * -(-max_tokens // model["block_size"])
+    return "kv_store", {"tokens": tokens, "heads_kv": model["heads_kv"], "head_dim": model["head_dim"],
+                        "block_size": model["block_size"], "num_blocks": blocks}
+
+
+def triton_call(name: str, inputs: dict, config: dict) -> Callable[[], object]:
+    """The direct call on ``inputs`` (in place where the op is), without run()'s copy-in."""
+    if name == "rmsnorm":
+        if inputs.get("residual") is None:
+            return lambda: rms.rmsnorm(inputs["x"], inputs["weight"], inputs["eps"], config=config, out=inputs["out"])
+        out = inputs["out"]
+        return lambda: rms.rmsnorm(inputs["x"], inputs["weight"], inputs["eps"], residual=inputs["residual"],
+                                   config=config, out=out[0], residual_out=out[1])
+    if name == "rope":
+        q, k = inputs["q"], inputs["k"]
+        return lambda: rp.rope(q, k, inputs["positions"], inputs["cos_sin_cache"], config=config)
+    if name == "silu_mul":
+        return lambda: sm.silu_mul(inputs["gate_up"], config=config, out=inputs["out"])
+    out = inputs["out"]
+    return lambda: kvs.kv_store(inputs["k"], inputs["v"], out[0], out[1], inputs["slot_mapping"], config=config)
+
+
+def _rope_eager(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor) -> None:
+    """Hugging Face's rotate_half RoPE written back into q and k (what an engine without the kernel does)."""
+    q_rot, k_rot = rp.rope_torch(q, k, cache[positions])
+    q.copy_(q_rot)
+    k.copy_(k_rot)
+
+
+def torch_calls(name: str, inputs: dict, compile_: bool) -> dict[str, Callable[[], object]]:
+    """Plain PyTorch eager (and torch.compile'd, where cheap) equivalents on the same inputs."""
+    if name == "kv_store":
+        # index_copy_ is already one kernel per cache: nothing for torch.compile to fuse.
+        caches = torch.stack([inputs["k_cache"], inputs["v_cache"]])
+        return {"torch": functools.partial(kvs.kv_store_torch, inputs["k"], inputs["v"], caches[0], caches[1],
+                                           inputs["slot_mapping"])}
+    if name == "rmsnorm":
+        fn, args, kwargs = rms.rmsnorm_torch, (inputs["x"], inputs["weight"], inputs["eps"]), {"residual": inputs.get("residual")}
+    elif name == "rope":
+        fn, args, kwargs = _rope_eager, (inputs["q"], inputs["k"], inputs["positions"], inputs["cos_sin_cache"]), {}
+    else:
+        fn, args, kwargs = sm.silu_mul_torch, (inputs["gate_up"],), {}
+    calls = {"torch": functools.partial(fn, *args, **kwargs)}
+    if compile_:
+        calls["torch_compile"] = functools.partial(torch.compile(fn, dynamic=False), *args, **kwargs)
+    return calls
+
+
+def candidates(fam: Family, shape: dict, dtype: str, cap: int, seed: int) -> list[dict]:
+    """The default config, then up to ``cap`` valid configs drawn evenly across structural variants."""
+    rng = random.Random(seed)
+    by_variant: dict[str, list[dict]] = {}
+    for cfg in fam.configs(shape, dtype):
+        by_variant.setdefault(str(cfg.get("variant", "")), []).append(cfg)
+    for group in by_variant.values():
+        rng.shuffle(group)
+    picked = [fam.default_config(shape, dtype)]
+    while len(picked) < cap + 1 and any(by_variant.values()):
+        for group in by_variant.values():
+            if group and len(picked) < cap + 1:
+                cfg = group.pop()
+                if cfg not in picked:
+                    picked.append(cfg)
+    return picked
+
+
+def _compile_one(job: tuple[str, dict, str, dict]) -> str | None:
+    """Compile and run one candidate once (fills Triton's cache); the error text or None."""
+    name, shape, dtype, cfg = job
+    try:
+        fam = kernels.get_family(name)
+        fam.run(fam.make_inputs(shape, dtype, default_device()), cfg)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return None
+    except Exception as e:  # a candidate that fails to compile is reported, never fatal
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def precompile(jobs: list[tuple[str, dict, str, dict]], workers: int) -> dict[int, str]:
+    """Compile every job in a spawn pool (CUDA forbids fork); index -> error for those that failed."""
+    if workers <= 1:
+        return {i: e for i, job in enumerate(jobs) if (e := _compile_one(job)) is not None}
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        return {i: e for i, e in enumerate(pool.map(_compile_one, jobs, chunksize=2)) if e is not None}
+
+
+def bench(fn: Callable[[], object], quick: bool) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) ms of ``fn``: do_bench on a GPU, wall clock on the CPU."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2])
+    fn()
+    times = []
+    for _ in range(3 if quick else 5):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return times[len(times) // 2], times[0], times[-1]
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy rate (bytes read + written): the memory roofline of this run."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    import triton.testing
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / ms / 1e6
+
+
+def check(fam: Family, inputs: dict, ref: torch.Tensor, config: dict | None) -> float:
+    """rel error of one launch against the float64 reference ``ref``, with the output NaN-poisoned first."""
+    inputs["out"].fill_(float("nan"))
+    try:
+        return rel_error(fam.run(inputs, config), ref)
+    except Exception:  # a runtime failure of one candidate is a failed candidate
+        return math.inf
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.fused_suite", description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--cap", type=int, default=24, help="sampled configs per op and token count")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="seconds of config sampling, shared equally by the (op, tokens) points")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few configs (CPU interpreter)")
+    parser.add_argument("--out", help="CSV path (default results/fused_suite_<device>.csv)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    ops = args.ops.split(",")
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        parser.error(f"unknown op(s) {unknown}; choose from {list(OPS)}")
+
+    start = time.time()
+    device = default_device()
+    facts = device_facts(device)
+    on_gpu = device.type == "cuda"
+    model, tokens = (TINY, TOKENS_QUICK) if args.quick else (LLAMA_1B, TOKENS)
+    # The interpreter computes bfloat16 only through float32 numpy and torch.compile needs a C++
+    # toolchain on the CPU: --quick off a GPU runs float16 and eager PyTorch only.
+    dtype = "float16" if args.quick and not on_gpu and args.dtype == "bfloat16" else args.dtype
+    cap = min(args.cap, 3) if args.quick else args.cap
+    compile_ = on_gpu and not args.no_compile
+    plan = []
+    for op in ops:
+        for t in tokens:
+            name, shape = op_shape(op, model, t, max(tokens))
+            fam = kernels.get_family(name)
+            plan.append((op, fam, shape, candidates(fam, shape, dtype, cap, args.seed)))
+    # Configs compile per (op, config), not per token count: compile each once.
+    jobs = list({(f.name, json.dumps({**s, "tokens": 1}), json.dumps(c, sort_keys=True)): (f.name, {**s, "tokens": 1}, dtype, c)
+                 for _, f, s, cfgs in plan for c in cfgs}.values())
+    print(f"{sum(len(c) for *_, c in plan)} candidates over {len(plan)} (op, tokens) points, "
+          f"{len(jobs)} distinct variants; compiling with {args.workers if on_gpu else 1} worker(s)")
+    errors = precompile(jobs, args.workers if on_gpu else 1)
+    failed = {(jobs[i][0], json.dumps(jobs[i][3], sort_keys=True)) for i in errors}
+    print(f"compiled in {time.time() - start:.0f}s, {len(failed)} failed")
+    for err in sorted(set(errors.values()))[:3]:
+        print("  e.g.", err)
+    copy_gbps = copy_bandwidth_gbps()
+    meta = {
+        "device": facts.name,
+        "capability": ".".join(map(str, facts.capability)),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "date": dt.date.today().isoformat(),
+        "copy_GBps": copy_gbps,
+    }
+
+    rows = []
+    for op, fam, shape, cfgs in plan:
+        nbytes = fam.bytes(shape, dtype)
+        tol = fam.tolerance(dtype, device)
+
+        def row(kind: str, cfg: dict | None, t: tuple[float, float, float], err: float, tried: int = 1, bad: int = 0) -> dict:
+            gbps = nbytes / t[0] / 1e6
+            return {**meta, "op": op, "family": fam.name, "dtype": dtype, "tokens": shape["tokens"],
+                    "shape": json.dumps(shape), "kind": kind, "config": json.dumps(cfg, sort_keys=True) if cfg else "",
+                    "ms": t[0], "ms_p20": t[1], "ms_p80": t[2], "bytes": nbytes, "GBps": gbps,
+                    "copy_frac": gbps / copy_gbps if math.isfinite(copy_gbps) else float("nan"),
+                    "rel_err": err, "tried": tried, "failed": bad}
+
+        point_end = time.time() + args.budget_s / len(plan)
+        # Checked on one set of inputs (run() leaves them intact), timed on another (rope and
+        # kv_store write theirs in place, over and over).
+        check_inputs = fam.make_inputs(shape, dtype, device, seed=1)
+        ref = fam.reference(check_inputs)
+        base_err = rel_error(fam.baseline(check_inputs), ref)
+        inputs = fam.make_inputs(shape, dtype, device, seed=2)
+        for kind, fn in torch_calls(fam.name, inputs, compile_).items():
+            try:
+                rows.append(row(kind, None, bench(fn, args.quick), base_err))
+            except Exception as e:  # torch.compile may fail on a given stack; the row says so
+                print(f"  {op} {kind} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        timed, bad = [], 0
+        for i, cfg in enumerate(cfgs):
+            if i > 0 and time.time() > point_end:
+                break  # keep the default; stop sampling when this point's share of the budget is spent
+            err = check(fam, check_inputs, ref, cfg)
+            if (fam.name, json.dumps(cfg, sort_keys=True)) in failed or not err <= tol:
+                bad += 1
+                continue
+            timed.append((bench(triton_call(fam.name, inputs, cfg), args.quick), cfg, err))
+        default = next(((t, c, e) for t, c, e in timed if c == cfgs[0]), None)
+        if default is not None:
+            rows.append(row("triton_default", default[1], default[0], default[2]))
+        if timed:
+            t, cfg, err = min(timed, key=lambda tce: tce[0][0])
+            rows.append(row("triton_best", cfg, t, err, tried=len(timed) + bad, bad=bad))
+        line = "  ".join(f"{r['kind']} {r['ms'] * 1e3:8.1f} us {r['GBps']:7.1f} GB/s"
+                         for r in rows if r["op"] == op and r["tokens"] == shape["tokens"])
+        print(f"{op:17s} T={shape['tokens']:5d}  {line}  [{len(timed)} ok, {bad} bad]", flush=True)
+        del inputs, check_inputs, ref
+
+    df = pd.DataFrame(rows)
+    if not (df["kind"] == "triton_best").any():
+        raise SystemExit("no candidate ran correctly for any op; see the errors above")
+    torch_ms = df[df["kind"] == "torch"].set_index(["op", "tokens"])["ms"]
+    df["speedup_vs_torch"] = [torch_ms.get((o, t), math.nan) / ms for o, t, ms in zip(df["op"], df["tokens"], df["ms"])]
+    out = Path(args.out or f"results/fused_suite_{facts.key}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}  "
+          f"copy {copy_gbps:.0f} GB/s  {dtype}")
+    summary = df.pivot_table(index=["op", "tokens"], columns="kind", values="speedup_vs_torch")
+    print("speedup over PyTorch eager (ms_torch / ms):")
+    print(summary.round(2).to_string())
+    print(f"wrote {out} in {time.time() - start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
