@@ -60,23 +60,6 @@ def op_shape(op: str, model: dict, tokens: int, max_tokens: int) -> tuple[str, d
                         "block_size": model["block_size"], "num_blocks": blocks}
 
 
-def triton_call(name: str, inputs: dict, config: dict) -> Callable[[], object]:
-    """The direct call on ``inputs`` (in place where the op is), without run()'s copy-in."""
-    if name == "rmsnorm":
-        if inputs.get("residual") is None:
-            return lambda: rms.rmsnorm(inputs["x"], inputs["weight"], inputs["eps"], config=config, out=inputs["out"])
-        out = inputs["out"]
-        return lambda: rms.rmsnorm(inputs["x"], inputs["weight"], inputs["eps"], residual=inputs["residual"],
-                                   config=config, out=out[0], residual_out=out[1])
-    if name == "rope":
-        q, k = inputs["q"], inputs["k"]
-        return lambda: rp.rope(q, k, inputs["positions"], inputs["cos_sin_cache"], config=config)
-    if name == "silu_mul":
-        return lambda: sm.silu_mul(inputs["gate_up"], config=config, out=inputs["out"])
-    out = inputs["out"]
-    return lambda: kvs.kv_store(inputs["k"], inputs["v"], out[0], out[1], inputs["slot_mapping"], config=config)
-
-
 def _rope_eager(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor) -> None:
     """Hugging Face's rotate_half RoPE written back into q and k (what an engine without the kernel does)."""
     q_rot, k_rot = rp.rope_torch(q, k, cache[positions])
@@ -248,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                     "rel_err": err, "tried": tried, "failed": bad}
 
         point_end = time.time() + args.budget_s / len(plan)
-        # Checked on one set of inputs (run() leaves them intact), timed on another (rope and
-        # kv_store write theirs in place, over and over).
+        # Checked on one set of inputs, timed on another: the torch baselines of rope and kv_store
+        # write theirs in place, over and over.
         check_inputs = fam.make_inputs(shape, dtype, device, seed=1)
         ref = fam.reference(check_inputs)
         base_err = rel_error(fam.baseline(check_inputs), ref)
@@ -267,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             if (fam.name, json.dumps(cfg, sort_keys=True)) in failed or not err <= tol:
                 bad += 1
                 continue
-            timed.append((bench(triton_call(fam.name, inputs, cfg), args.quick), cfg, err))
+            timed.append((bench(fam.timed_call(inputs, cfg), args.quick), cfg, err))
         default = next(((t, c, e) for t, c, e in timed if c == cfgs[0]), None)
         if default is not None:
             rows.append(row("triton_default", default[1], default[0], default[2]))

@@ -13,7 +13,7 @@ import functools
 import itertools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -167,6 +167,14 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
         """Launch on ``inputs`` (writing ``inputs['out']``) and return the output."""
+
+    def timed_call(self, inputs: dict, config: Config | None) -> Callable[[], Any]:
+        """A zero-argument callable that launches only the kernel on ``inputs``: what timing measures.
+
+        ``run`` by default. In-place families override it: their ``run`` first copies the inputs into
+        the output buffers (so that poisoning detects unwritten elements), which timing must not count.
+        """
+        return lambda: self.run(inputs, config)
 
     @abc.abstractmethod
     def reference(self, inputs: dict) -> torch.Tensor:
