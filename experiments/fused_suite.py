@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, cfg in enumerate(cfgs):
             if i > 0 and time.time() > point_end:
                 break  # keep the default; stop sampling when this point's share of the budget is spent
-            err = check(fam, check_inputs, ref, cfg)
-            if (fam.name, json.dumps(cfg, sort_keys=True)) in failed or not err <= tol:
+            err = math.inf if (fam.name, json.dumps(cfg, sort_keys=True)) in failed else check(fam, check_inputs, ref, cfg)
+            if not err <= tol:
                 bad += 1
                 continue
             timed.append((bench(fam.timed_call(inputs, cfg), args.quick), cfg, err))
