@@ -87,3 +87,18 @@ def test_triton_attention_matches_torch(tmp_path_factory):
     assert got == expected
     stats = triton_llm.scheduler.stats
     assert stats.partial_prefills > 0 and stats.preemptions > 0, stats
+
+
+def test_agreement_experiment_smoke(tmp_path):
+    """The GPU agreement script end to end on the tiny preset in float32 (CSV written, all within tolerance)."""
+    import pandas as pd
+
+    from experiments.engine_agreement import main
+
+    out = tmp_path / "agree.csv"
+    main(["--preset", "tiny", "--dtype", "float32", "--kernels", "torch", "--prompts", "4", "--tokens", "6",
+          "--max-prompt-len", "40", "--max-num-batched-tokens", "16", "--out", str(out)])
+    df = pd.read_csv(out)
+    assert len(df) == 4 and df.ok.all() and df.tokens_equal.all()
+    assert {"device", "torch", "triton", "transformers", "date", "first_divergence", "max_abs_dlogprob"} <= set(df.columns)
+    assert df.max_abs_dlogprob.max() < 1e-4  # float32 against float32

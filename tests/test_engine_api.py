@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.checkpoint import main as checkpoint_main
@@ -171,6 +172,14 @@ def test_checkpoint_cli(tmp_path):
     assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and cfg["rope_theta"] == 10000.0
     llm = LLM(tmp_path / "ck", kernels="torch", num_kv_blocks=8)
     assert llm.config.rope.rope_type == "linear" and llm.runner.model.weights.lm_head is llm.runner.model.weights.embed
+    # Linear RoPE scaling as transformers applies it: prompt log-probabilities of a 40-token prompt.
+    prompt = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=True), use_tqdm=False)[0]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].double().log_softmax(-1)
+    want = ref[torch.arange(39), torch.tensor(prompt[1:])]
+    torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:], dtype=torch.float64), want, rtol=0, atol=1e-4)
 
 
 def test_error_inside_a_step_leaves_engine_usable(llm, monkeypatch):
