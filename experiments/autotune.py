@@ -60,7 +60,7 @@ def result_rows(run: Run, fam: Family, shape: dict, res: TuneResult, cfg: DictCo
     return rows
 
 
-def tune_shape(run: Run, fam: Family, shape: dict, index: int, cfg: DictConfig, storage_url: str,
+def tune_shape(run: Run, fam: Family, shape: dict, index: int, n_shapes: int, cfg: DictConfig, storage_url: str,
                bar: tqdm) -> TuneResult | None:
     """Tune one shape, streaming its trials to the progress bar and the logger; None when no config passed."""
     best = math.inf
@@ -70,7 +70,7 @@ def tune_shape(run: Run, fam: Family, shape: dict, index: int, cfg: DictConfig, 
         if t["status"] == "ok":
             best = min(best, t["ms"])
         bar.update(1)
-        bar.set_postfix(shape=f"{index + 1}", best_ms=f"{best:.4g}")
+        bar.set_postfix(shape=f"{index + 1}/{n_shapes}", best_ms=f"{best:.4g}")
         run.logger.log_metrics({"trial/shape_index": index, "trial/number": t["number"],
                                 "trial/ok": t["status"] == "ok", "trial/ms": t["ms"] if t["status"] == "ok" else None,
                                 "trial/best_ms": best if math.isfinite(best) else None})
@@ -99,13 +99,16 @@ def main(cfg: DictConfig) -> None:
         fail(str(e))
     storage_url = cfg.storage or f"sqlite:///{(run.dir / 'optuna.db').resolve()}"
     ceilings = measure_ceilings(run.device, run.dtype)
-    per_shape = len(fam.configs(shapes[0], run.dtype)) if cfg.sampler.get("all_configs") else int(cfg.n_trials)
+    if cfg.sampler.get("all_configs"):
+        total = sum(len(fam.configs(shape, run.dtype)) for shape in shapes)
+    else:
+        total = len(shapes) * int(cfg.n_trials)
     rows: list[dict] = []
     results: list[TuneResult] = []
     desc = f"autotune {fam.name} {run.dtype} ({cfg.sampler.name})"
-    with tqdm(total=len(shapes) * per_shape, desc=desc, unit="trial") as bar:
+    with tqdm(total=total, desc=desc, unit="trial") as bar:
         for i, shape in enumerate(shapes):
-            res = tune_shape(run, fam, shape, i, cfg, storage_url, bar)
+            res = tune_shape(run, fam, shape, i, len(shapes), cfg, storage_url, bar)
             if res is not None:
                 results.append(res)
                 rows += result_rows(run, fam, shape, res, cfg, ceilings)

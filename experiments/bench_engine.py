@@ -18,7 +18,9 @@ of the engine and is filled in with the engine's benchmarks (issue 7); its figur
 """
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -121,15 +123,18 @@ def offline(run: Run, impl: str, gen: Generate, wl: DictConfig, vocab: int, rng:
              "output_tokens": sum(olens), "wall_s": wall_s, "tokens_per_s": sum(olens) / wall_s}]
 
 
-def _backend(run: Run, name: str, ckpt: Path, settings: dict) -> tuple[str, Generate] | None:
-    """(impl label, generate) of a backend, or None (with a note) when the engine is not there yet."""
+def bench_backend(run: Run, name: str, ckpt: Path, cfg: DictConfig, model: DictConfig, wl: DictConfig) -> list[dict]:
+    """Every workload's rows for one backend."""
     if name == "hf":
-        return "hf", hf_generate(run, ckpt)
-    try:
-        return f"engine-{name}", engine_generate(run, ckpt, name, settings)
-    except ImportError as e:
-        print(f"bench_engine: skipping backend {name}: the engine is not importable ({e})")
-        return None
+        impl, gen = "hf", hf_generate(run, ckpt)
+    else:
+        impl, gen = f"engine-{name}", engine_generate(run, ckpt, name, OmegaConf.to_container(cfg.engine))
+    gen([[1, 2, 3]], [2])  # warm-up: compile kernels, allocate caches
+    rng = torch.Generator().manual_seed(int(wl.seed))
+    rows = batch_sweep(run, impl, gen, wl, int(model.vocab_size), rng)
+    if name != "hf":
+        rows += offline(run, impl, gen, wl, int(model.vocab_size), rng)
+    return rows
 
 
 @hydra.main(config_path="../conf", config_name="bench_engine", version_base="1.3")
@@ -142,21 +147,22 @@ def main(cfg: DictConfig) -> None:
     model, wl = pick(cfg.model, run.device), pick(cfg.workload, run.device)
     ckpt = ensure_checkpoint(cfg, model, run.dtype)
     rows: list[dict[str, Any]] = []
+    failed: list[str] = []
     for name in tqdm(list(cfg.backends), desc="bench_engine", unit="backend"):
-        backend = _backend(run, name, ckpt, OmegaConf.to_container(cfg.engine))
-        if backend is None:
-            continue
-        impl, gen = backend
-        gen([[1, 2, 3]], [2])  # warm-up: compile kernels, allocate caches
-        rng = torch.Generator().manual_seed(int(wl.seed))
-        rows += batch_sweep(run, impl, gen, wl, int(model.vocab_size), rng)
-        if name != "hf":
-            rows += offline(run, impl, gen, wl, int(model.vocab_size), rng)
+        try:
+            rows += bench_backend(run, name, ckpt, cfg, model, wl)
+        except Exception:  # one broken backend must not cost the others' numbers (a GPU run is dear)
+            traceback.print_exc()
+            failed.append(name)
         if run.device == "cuda":
             torch.cuda.empty_cache()
     best = max(rows, key=lambda r: r["tokens_per_s"], default=None)
-    summary = f"{model.name}, best {best['impl']} {best['tokens_per_s']:.1f} tokens/s ({best['workload']}, batch {best['batch']})" if best else "no backend ran"
+    summary = (f"{model.name}, best {best['impl']} {best['tokens_per_s']:.1f} tokens/s ({best['workload']}, "
+               f"batch {best['batch']})") if best else "no backend ran"
     run.finish(rows, summary)
+    if failed:
+        print(f"error: backends {failed} failed (tracebacks above); the table holds the others", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """What every experiment app does first and last.
 
 First: resolve ``device`` (auto | cpu | cuda) and ``dtype``, refuse GPU-only options on a CPU with a
-one-line message (exit status 2, no traceback), and collect the facts every table row carries (date, device, torch and triton versions).
+one-line message (exit status 2, no traceback), collect the facts every table row carries (date,
+device, torch and triton versions) and open the W&B logger.
 Last: write ``results.csv``, draw the figures, hand both to the W&B logger and print one summary
 line that points at the run folder.
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -79,10 +80,9 @@ class Run:
     app: str
     dir: Path
     device: str
-    dtype: str | None
+    dtype: str
     env: dict[str, str]
     logger: Logger
-    figures: list[Path] = field(default_factory=list)
 
     def finish(self, rows: list[dict], summary: str, artifacts: tuple[tuple[Path, str], ...] = ()) -> pd.DataFrame:
         """Write results.csv, draw the figures, log them, close the logger and print ``summary``.
@@ -92,30 +92,28 @@ class Run:
         df = pd.DataFrame(rows)
         csv = self.dir / "results.csv"
         df.to_csv(csv, index=False)
-        self.figures = plots.draw_all(df, self.dir)
+        figures = plots.draw_all(df, self.dir)
         self.logger.log_table("results", df)
-        self.logger.log_images(self.figures)
+        self.logger.log_images(figures)
         for path, kind in artifacts:
             self.logger.log_artifact(path, kind)
         self.logger.finish()
-        print(f"{self.app}: {summary}; {len(df)} rows in {csv}, {len(self.figures)} figures in {self.dir}")
+        print(f"{self.app}: {summary}; {len(df)} rows in {csv}, {len(figures)} figures in {self.dir}")
         return df
 
 
-def start(cfg: DictConfig, app: str, *, dtype: bool = True) -> Run:
-    """Validate ``cfg.device`` and ``cfg.dtype`` (when the app has one), open the logger."""
+def start(cfg: DictConfig, app: str) -> Run:
+    """Validate ``cfg.device`` and ``cfg.dtype``, open the logger."""
     device = resolve_device(cfg.device)
     if device == "cpu" and not interpreting():
         fail("device=cpu on a machine with a GPU: Triton compiles for the GPU unless its interpreter is chosen "
              "before it loads; run with TRITON_INTERPRET=1 in the environment")
-    dtype_name = None
-    if dtype:
-        dtype_name = str(cfg.dtype)
-        if dtype_name not in DTYPES:
-            fail(f"dtype={dtype_name!r} is not one of {sorted(DTYPES)}")
-        if dtype_name == "bfloat16" and device == "cpu":
-            fail("dtype=bfloat16 needs a GPU: Triton's CPU interpreter computes bfloat16 dots wrongly; "
-                 "use dtype=float16 or dtype=float32 on the CPU")
+    dtype = str(cfg.dtype)
+    if dtype not in DTYPES:
+        fail(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    if dtype == "bfloat16" and device == "cpu":
+        fail("dtype=bfloat16 needs a GPU: Triton's CPU interpreter computes bfloat16 dots wrongly; "
+             "use dtype=float16 or dtype=float32 on the CPU")
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     env = {
@@ -131,4 +129,4 @@ def start(cfg: DictConfig, app: str, *, dtype: bool = True) -> Run:
         logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir, app, group)
     except LoggerSetupError as e:
         fail(str(e))
-    return Run(app, run_dir, device, dtype_name, env, logger)
+    return Run(app, run_dir, device, dtype, env, logger)

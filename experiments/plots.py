@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -82,6 +83,7 @@ def convergence(df: pd.DataFrame, out: Path) -> Path | None:
             geo = np.exp(np.log(np.clip(padded, 1e-9, None)).mean(axis=0))
             ax.plot(np.arange(1, n + 1), geo, marker=".", label=f"{sampler} ({len(curves)} studies)")
         ax.set_xlabel("trial")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("best found / best so far (speed fraction)")
         ax.set_ylim(0, 1.05)
         ax.set_title(fam)
