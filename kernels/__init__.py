@@ -17,6 +17,8 @@ from kernels.family import Family  # noqa: E402  (after the backend is chosen)
 # compile or import the others.
 _FAMILY_MODULES: dict[str, str] = {
     "gemm": "kernels.gemm",
+    "attention_prefill": "kernels.attention_prefill",
+    "attention_paged": "kernels.attention_paged",
     "rmsnorm": "kernels.rmsnorm",
     "rope": "kernels.rope",
     "silu_mul": "kernels.silu_mul",

@@ -1,0 +1,255 @@
+"""The attention_paged family: new query tokens against a paged KV cache through a block table.
+
+Shape dicts are ``{"batch", "query_len", "context_len", "heads_q", "heads_kv", "head_dim",
+"block_size"}``: ``query_len`` is the longest query (``max_seqlen_q``; 1 is decode) and
+``context_len`` the longest context. Structural variants (the categorical parameter ``variant``):
+- ``decode`` (query_len 1): one program per (sequence, KV head's query heads), whole context;
+- ``decode_split`` (query_len 1): the context split into SPLIT slices over programs
+  (flash-decoding), merged by log-sum-exp in a second kernel;
+- ``general``: blocks of BLOCK_Q query tokens with causal masking (chunked prefill, prefill over a
+  cached prefix, mixed batches of chunks and decode tokens).
+Tunables: TILE (keys per step along the context), SPLIT, HEADS (query heads of one KV head per
+program), BLOCK_Q (general only), num_warps, num_stages. The generator specialises on the head dim,
+GQA group and cache block size.
+
+The template is ``kernels/templates/attention_paged.py.j2``; the direct call is
+:func:`kernels.attention.paged`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kernels import attention
+from kernels.attention_prefill import head_dim_pad, nearest_config, sdpa_reference
+from kernels.device import device_facts
+from kernels.family import Config, Family, Shape, next_pow2, torch_dtype
+
+_KEYS = ("batch", "query_len", "context_len", "heads_q", "heads_kv", "head_dim", "block_size")
+_MAX_ACC_REGS = 192  # float32 accumulator + score registers per thread before spilling
+_MAX_ROWS = 128
+
+
+def _elt(dtype: str) -> int:
+    return torch.empty((), dtype=torch_dtype(dtype)).element_size()
+
+
+def _dims(shape: Shape) -> tuple[int, int, int, int, int, int, int]:
+    """(batch, query_len, context_len, Hq, Hkv, D, block_size) of a shape dict, checked."""
+    missing = [k for k in _KEYS if k not in shape]
+    if missing:
+        raise ValueError(f"attention_paged shape needs keys {list(_KEYS)}; missing {missing} in {shape}")
+    B, lq, lc, hq, hkv, d, bs = (int(shape[k]) for k in _KEYS)
+    if min(B, lq, lc, hq, hkv, d, bs) < 1:
+        raise ValueError(f"attention_paged shape dimensions must be positive, got {shape}")
+    if lq > lc:
+        raise ValueError(f"attention_paged: query_len {lq} exceeds context_len {lc}")
+    if hq % hkv:
+        raise ValueError(f"attention_paged: heads_q={hq} is not a multiple of heads_kv={hkv}")
+    if d > attention.MAX_HEAD_DIM:
+        raise ValueError(f"attention_paged: head_dim {d} exceeds {attention.MAX_HEAD_DIM}")
+    if bs & (bs - 1):
+        raise ValueError(f"attention_paged: block_size {bs} is not a power of two")
+    return B, lq, lc, hq, hkv, d, bs
+
+
+def _rows(config: Config) -> int:
+    """Rows of the score tile: BLOCK_Q tokens x the heads padded to a power of two, at least 16."""
+    return max(16, config["BLOCK_Q"] * next_pow2(config["HEADS"]))
+
+
+class PagedFamily(Family):
+    name = "attention_paged"
+    template_file = "attention_paged.py.j2"
+    template_version = 1
+
+    # --- search space ---------------------------------------------------------------------------
+    def space(self, shape: Shape, dtype: str) -> dict[str, list]:
+        _, lq, lc, hq, hkv, _, _ = _dims(shape)
+        torch_dtype(dtype)
+        group = hq // hkv
+        decode = lq == 1
+        return {
+            "variant": ["decode", "decode_split", "general"] if decode else ["general"],
+            "TILE": [t for t in (16, 32, 64, 128, 256) if t <= max(16, next_pow2(lc))],
+            "SPLIT": [1] + [s for s in (2, 4, 8, 16, 32, 64) if decode and s <= math.ceil(lc / 16)],
+            "HEADS": [h for h in range(1, group + 1) if group % h == 0],
+            "BLOCK_Q": [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= next_pow2(lq)],
+            "num_warps": [4, 8],
+            "num_stages": [2, 3, 4],
+        }
+
+    def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
+        _, lq, lc, _, _, d, _ = _dims(shape)
+        d = head_dim_pad(d)
+        variant, tile, split = config["variant"], config["TILE"], config["SPLIT"]
+        warps, stages = config["num_warps"], config["num_stages"]
+        if (variant == "decode_split") != (split > 1):
+            return "SPLIT > 1 goes with the decode_split variant and only with it"
+        if split > math.ceil(lc / tile):
+            return f"SPLIT={split} slices exceed the {math.ceil(lc / tile)} tiles of {tile} in the context"
+        rows = _rows(config)
+        heads_pad = next_pow2(config["HEADS"])
+        if rows > _MAX_ROWS:
+            return f"{rows} rows per program exceed {_MAX_ROWS}"
+        if config["BLOCK_Q"] * heads_pad < 16 and config["BLOCK_Q"] < next_pow2(lq):
+            return "rows padded to 16 while more query tokens could fill them"
+        regs = (rows * d + rows * tile) // (32 * warps)
+        if regs > _MAX_ACC_REGS:
+            return f"float32 accumulator {rows}x{d} and scores {rows}x{tile} need {regs} registers per thread"
+        if rows * max(tile, d) // (32 * warps) < 4:
+            return f"{warps} warps for a {rows}x{tile} tile leave threads idle"
+        elt = _elt(dtype)
+        smem = rows * d * elt + stages * 2 * tile * d * elt
+        limit = device_facts().smem_per_block
+        if smem > limit:
+            return f"needs {smem} bytes of shared memory, the device has {limit}"
+        return None
+
+    def default_config(self, shape: Shape, dtype: str) -> Config:
+        """The valid config nearest these leads: all of a KV head's query heads in one program (K and
+        V read once), 64 keys per tile (32 for D 256), 4 warps, 3 stages; for decode, context slices
+        doubled while the grid covers the SMs less than twice and each slice keeps 2 tiles; for
+        longer queries, 64 rows of query tokens x heads."""
+        B, lq, lc, hq, hkv, d, _ = _dims(shape)
+        group = hq // hkv
+        tile = 64 if head_dim_pad(d) <= 128 else 32
+        want: Config = {"variant": "general", "HEADS": group, "SPLIT": 1, "TILE": tile, "BLOCK_Q": 1,
+                        "num_warps": 4, "num_stages": 3}
+        if lq == 1:
+            split, programs, target = 1, B * hkv, 2 * device_facts().num_sms
+            while programs * split < target and 2 * split <= 64 and lc >= 4 * split * tile:
+                split *= 2
+            want.update(variant="decode_split" if split > 1 else "decode", SPLIT=split)
+        else:
+            want["BLOCK_Q"] = max(1, min(next_pow2(lq), 64 // next_pow2(group)))
+        return nearest_config(self.configs(shape, dtype), want)
+
+    def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
+        _, _, _, hq, hkv, d, bs = _dims(shape)
+        return {
+            "VARIANT": config["variant"],
+            "HEAD_DIM": d,
+            "HEAD_DIM_PAD": head_dim_pad(d),
+            "GROUP": hq // hkv,
+            "HEADS": config["HEADS"],
+            "HEADS_PAD": next_pow2(config["HEADS"]),
+            "BLOCK_Q": config["BLOCK_Q"],
+            "ROWS": _rows(config),
+            "BLOCK_SIZE": bs,
+            "TILE": config["TILE"],
+            "SPLIT": config["SPLIT"],
+            "NUM_WARPS": config["num_warps"],
+            "NUM_STAGES": config["num_stages"],
+            "FP32": dtype == "float32",
+        }
+
+    # --- running --------------------------------------------------------------------------------
+    def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0,
+                    ragged: bool = True) -> dict:
+        """A paged cache with shuffled (non-contiguous) block tables and spare blocks of noise.
+
+        With ``ragged`` the first sequence has ``query_len`` new tokens over ``context_len``; the
+        others draw query lengths in 1..query_len and context lengths in query_len..context_len,
+        avoiding multiples of the block size. Without, every sequence has exactly those lengths
+        (what the cost model counts). Table entries past a context are -1 (never read).
+        """
+        B, lq, lc, hq, hkv, d, bs = _dims(shape)
+        dt = torch_dtype(dtype)
+        rng = torch.Generator().manual_seed(seed)
+        ctx, qlen = [lc] * B, [lq] * B
+        if ragged:
+            for b in range(1, B):
+                for _ in range(8):  # redraw a multiple of the block size while others exist
+                    ctx[b] = int(torch.randint(lq, lc + 1, (), generator=rng))
+                    if ctx[b] % bs or bs == 1:
+                        break
+                qlen[b] = int(torch.randint(1, min(lq, ctx[b]) + 1, (), generator=rng))
+        max_blocks = -(-lc // bs)
+        needed = [-(-c // bs) for c in ctx]
+        num_blocks = sum(needed) + 3  # spare blocks: noise a wrong index would read
+        perm = torch.randperm(num_blocks, generator=rng)
+        table = torch.full((B, max_blocks), -1, dtype=torch.int32)
+        used = 0
+        for b, n in enumerate(needed):
+            table[b, :n] = perm[used:used + n]
+            used += n
+        gen = torch.Generator(device=device).manual_seed(seed)
+        k_cache, v_cache = (torch.randn(num_blocks, bs, hkv, d, generator=gen, device=device, dtype=dt) for _ in range(2))
+        q = torch.randn(sum(qlen), hq, d, generator=gen, device=device, dtype=dt)
+        cu = torch.tensor([0, *torch.tensor(qlen).cumsum(0).tolist()], dtype=torch.int32)
+        return {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": table.to(device),
+                "cu_seqlens_q": cu.to(device), "context_lens": torch.tensor(ctx, dtype=torch.int32, device=device),
+                "max_seqlen_q": lq, "out": torch.empty_like(q)}
+
+    def _args(self, inputs: dict) -> tuple:
+        return tuple(inputs[k] for k in ("q", "k_cache", "v_cache", "block_tables", "cu_seqlens_q", "context_lens",
+                                         "max_seqlen_q"))
+
+    def shape_of(self, inputs: dict) -> Shape:
+        return self.shape_from_call(*self._args(inputs))
+
+    def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
+        return attention.paged(*self._args(inputs), config=config, out=inputs.get("out"))
+
+    def reference(self, inputs: dict) -> torch.Tensor:
+        """Per sequence: gather its cache positions through the block table, float64 causal attention."""
+        q, k_cache, v_cache = inputs["q"], inputs["k_cache"], inputs["v_cache"]
+        bs, hkv, d = k_cache.shape[1:]
+        cu = inputs["cu_seqlens_q"].tolist()
+        ctx = inputs["context_lens"].tolist()
+        table = inputs["block_tables"].long()
+        out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+        for b, (lo, hi) in enumerate(zip(cu[:-1], cu[1:])):
+            blocks = table[b, : -(-ctx[b] // bs)]
+            k = k_cache[blocks].reshape(-1, hkv, d)[: ctx[b]]
+            v = v_cache[blocks].reshape(-1, hkv, d)[: ctx[b]]
+            pos = ctx[b] - (hi - lo) + torch.arange(hi - lo, device=q.device)
+            out[lo:hi] = sdpa_reference(q[lo:hi], k, v, pos, 1.0 / math.sqrt(d))
+        return out
+
+    # --- direct calls ---------------------------------------------------------------------------
+    def call(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, *,
+             config: Config | None = None, **kwargs: Any) -> torch.Tensor:
+        return attention.paged(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
+                               config=config, **kwargs)
+
+    def shape_from_call(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, *,
+                        max_context_len: int | None = None, **_: Any) -> Shape:
+        return attention.paged_shape(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
+                                     max_context_len=max_context_len)
+
+    def bucket(self, shape: Shape) -> Shape:
+        """Batch, query length and context length rounded up to powers of two (decode stays 1), so
+        that a context growing by one token per step maps to a few tuned shapes."""
+        return {**shape, "batch": next_pow2(shape["batch"]), "query_len": next_pow2(shape["query_len"]),
+                "context_len": next_pow2(max(16, shape["context_len"]))}
+
+    # --- cost model -----------------------------------------------------------------------------
+    def flops(self, shape: Shape) -> float:
+        """4 * D flops per (query head, query, visible key): query i of q_len sees lc - q_len + i + 1 keys."""
+        B, lq, lc, hq, _, d, _ = _dims(shape)
+        pairs = lq * lc - lq * (lq - 1) / 2
+        return 4.0 * B * hq * d * pairs
+
+    def bytes(self, shape: Shape, dtype: str) -> float:
+        """K and V of every context read once (decode packs a KV head's query heads in one program),
+        q read and out written once, plus the block table entries and the int32 metadata."""
+        B, lq, lc, hq, hkv, d, bs = _dims(shape)
+        elt = _elt(dtype)
+        kv = 2 * B * lc * hkv * d * elt
+        qo = 2 * B * lq * hq * d * elt
+        meta = 4 * B * (-(-lc // bs) + 2)
+        return float(kv + qo + meta)
+
+    def tiny_shapes(self) -> list[Shape]:
+        return [
+            {"batch": 3, "query_len": 1, "context_len": 45, "heads_q": 4, "heads_kv": 2, "head_dim": 64, "block_size": 16},
+            {"batch": 3, "query_len": 7, "context_len": 29, "heads_q": 4, "heads_kv": 1, "head_dim": 32, "block_size": 8},
+            {"batch": 2, "query_len": 1, "context_len": 70, "heads_q": 8, "heads_kv": 1, "head_dim": 80, "block_size": 32},
+        ]
+
+
+FAMILY = PagedFamily()

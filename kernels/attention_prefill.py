@@ -1,0 +1,232 @@
+"""The attention_prefill family: FlashAttention-2 forward over packed variable-length sequences.
+
+Shape dicts are ``{"batch", "seqlen", "heads_q", "heads_kv", "head_dim", "causal"}``: ``seqlen`` is
+the longest sequence (``max_seqlen``). Structural variants (the categorical parameter ``variant``):
+- ``ptr``: K and V tiles loaded through pointers (any head dim up to 256, padded to a power of two);
+- ``tma`` (Hopper, and the interpreter): K and V tiles through tensor descriptors (head dims that
+  are powers of two).
+Tunables: BLOCK_M (queries per program), BLOCK_N (keys per step), num_warps, num_stages. The
+generator specialises on the head dim, causal or not, and the GQA group size.
+
+The template is ``kernels/templates/attention_prefill.py.j2``; the direct call is
+:func:`kernels.attention.prefill`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kernels import attention
+from kernels.device import device_facts, interpreting
+from kernels.family import Config, Family, Shape, next_pow2, torch_dtype
+
+_KEYS = ("batch", "seqlen", "heads_q", "heads_kv", "head_dim", "causal")
+# A thread holds the float32 accumulator [BLOCK_M, D] and score tile [BLOCK_M, BLOCK_N]; beyond
+# this many of their registers per thread the kernel spills.
+_MAX_ACC_REGS = 192
+
+
+def _elt(dtype: str) -> int:
+    return torch.empty((), dtype=torch_dtype(dtype)).element_size()
+
+
+def _dims(shape: Shape) -> tuple[int, int, int, int, int, bool]:
+    """(batch, seqlen, Hq, Hkv, D, causal) of a shape dict, checked."""
+    missing = [k for k in _KEYS if k not in shape]
+    if missing:
+        raise ValueError(f"attention_prefill shape needs keys {list(_KEYS)}; missing {missing} in {shape}")
+    B, L, hq, hkv, d = (int(shape[k]) for k in _KEYS[:5])
+    if min(B, L, hq, hkv, d) < 1:
+        raise ValueError(f"attention_prefill shape dimensions must be positive, got {shape}")
+    if hq % hkv:
+        raise ValueError(f"attention_prefill: heads_q={hq} is not a multiple of heads_kv={hkv}")
+    if d > attention.MAX_HEAD_DIM:
+        raise ValueError(f"attention_prefill: head_dim {d} exceeds {attention.MAX_HEAD_DIM}")
+    return B, L, hq, hkv, d, bool(shape["causal"])
+
+
+def head_dim_pad(d: int) -> int:
+    """Lanes of the head dim in registers: the next power of two, at least tl.dot's 16."""
+    return max(16, next_pow2(d))
+
+
+def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
+                   scale: float, max_scores: int = 1 << 26) -> torch.Tensor:
+    """softmax(q k^T * scale) v in float64 for one sequence, query rows in chunks to bound memory.
+
+    q [Lq, Hq, D], k and v [Lk, Hkv, D] (KV head h // (Hq / Hkv) serves query head h); q_pos [Lq]
+    (int64) the position of each query among the keys, which sees keys 0..q_pos (None: all keys).
+    Returns [Lq, Hq, D] float64.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    out = torch.empty_like(q)
+    chunk = max(1, max_scores // max(1, q.shape[1] * k.shape[0]))
+    keys = torch.arange(k.shape[0], device=q.device)
+    for lo in range(0, q.shape[0], chunk):
+        hi = min(lo + chunk, q.shape[0])
+        scores = torch.einsum("qhd,khd->hqk", q[lo:hi], k) * scale
+        if q_pos is not None:
+            scores = scores.masked_fill(keys[None, None, :] > q_pos[lo:hi, None], float("-inf"))
+        out[lo:hi] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v)
+    return out
+
+
+def nearest_config(configs: list[Config], want: Config) -> Config:
+    """The config of ``configs`` closest to ``want``, comparing keys in ``want``'s order: equal
+    categorical values first, then numeric values by their distance in powers of two."""
+    def distance(cfg: Config) -> tuple:
+        return tuple(
+            abs(math.log2(cfg[k]) - math.log2(v)) if isinstance(v, int) and not isinstance(v, bool) else cfg[k] != v
+            for k, v in want.items()
+        )
+
+    if not configs:
+        raise ValueError(f"no valid config near {want}")
+    return min(configs, key=distance)
+
+
+class PrefillFamily(Family):
+    name = "attention_prefill"
+    template_file = "attention_prefill.py.j2"
+    template_version = 1
+
+    # --- search space ---------------------------------------------------------------------------
+    def space(self, shape: Shape, dtype: str) -> dict[str, list]:
+        _, L, _, _, d, _ = _dims(shape)
+        torch_dtype(dtype)
+        tma_ok = (interpreting() or device_facts().capability >= (9, 0)) and d == head_dim_pad(d)
+        tiles = [b for b in (16, 32, 64, 128) if b <= max(16, next_pow2(L))]
+        return {
+            "variant": ["ptr", "tma"] if tma_ok else ["ptr"],
+            "BLOCK_M": tiles,
+            "BLOCK_N": tiles,
+            "num_warps": [4, 8],
+            "num_stages": [2, 3, 4],
+        }
+
+    def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
+        d = head_dim_pad(_dims(shape)[4])
+        bm, bn, warps, stages = config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"]
+        regs = (bm * d + bm * bn) // (32 * warps)
+        if regs > _MAX_ACC_REGS:
+            return f"float32 accumulator {bm}x{d} and scores {bm}x{bn} need {regs} registers per thread with {warps} warps"
+        if warps == 8 and bm < 64:
+            return "8 warps (two warp groups of 64 rows) need BLOCK_M >= 64"
+        if bm * bn // (32 * warps) < 2:
+            return f"a {bm}x{bn} score tile leaves threads of {warps} warps idle"
+        elt = _elt(dtype)
+        smem = bm * d * elt + stages * 2 * bn * d * elt  # Q once, K and V per pipeline stage
+        limit = device_facts().smem_per_block
+        if smem > limit:
+            return f"needs {smem} bytes of shared memory, the device has {limit}"
+        return None
+
+    def default_config(self, shape: Shape, dtype: str) -> Config:
+        """The valid config nearest the Hopper leads: BLOCK_M 128, BLOCK_N 64, 8 warps for D 128
+        (4 for D <= 64), 3 stages (2 for D 256)."""
+        d = head_dim_pad(_dims(shape)[4])
+        want = {"variant": "ptr", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if d <= 64 else 8,
+                "num_stages": 3 if d <= 128 else 2}
+        return nearest_config(self.configs(shape, dtype), want)
+
+    def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
+        _, _, hq, hkv, d, causal = _dims(shape)
+        return {
+            "VARIANT": config["variant"],
+            "HEAD_DIM": d,
+            "HEAD_DIM_PAD": head_dim_pad(d),
+            "CAUSAL": causal,
+            "GROUP": hq // hkv,
+            "BLOCK_M": config["BLOCK_M"],
+            "BLOCK_N": config["BLOCK_N"],
+            "NUM_WARPS": config["num_warps"],
+            "NUM_STAGES": config["num_stages"],
+            "FP32": dtype == "float32",
+        }
+
+    # --- running --------------------------------------------------------------------------------
+    def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0,
+                    ragged: bool = True) -> dict:
+        """q, k, v packed over ``batch`` sequences; with ``ragged`` the first has ``seqlen`` tokens and
+        the others random lengths in 1..seqlen (varlen), else all have ``seqlen`` (what the cost
+        model counts)."""
+        B, L, hq, hkv, d, causal = _dims(shape)
+        dt = torch_dtype(dtype)
+        lens = [L] * B
+        if ragged:
+            rng = torch.Generator().manual_seed(seed)
+            lens[1:] = torch.randint(1, L + 1, (B - 1,), generator=rng).tolist()
+        T = sum(lens)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        q, k, v = (torch.randn(T, h, d, generator=gen, device=device, dtype=dt) for h in (hq, hkv, hkv))
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        return {"q": q, "k": k, "v": v, "cu_seqlens": cu, "max_seqlen": L, "causal": causal,
+                "out": torch.empty_like(q)}
+
+    def shape_of(self, inputs: dict) -> Shape:
+        return self.shape_from_call(inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens"],
+                                    inputs["max_seqlen"], causal=inputs["causal"])
+
+    def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
+        return attention.prefill(inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens"], inputs["max_seqlen"],
+                                 causal=inputs["causal"], config=config, out=inputs.get("out"))
+
+    def reference(self, inputs: dict) -> torch.Tensor:
+        """Per sequence, float64 softmax attention with the keys repeated per query head."""
+        q, k, v = inputs["q"], inputs["k"], inputs["v"]
+        cu = inputs["cu_seqlens"].tolist()
+        scale = 1.0 / math.sqrt(q.shape[2])
+        out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+        for lo, hi in zip(cu[:-1], cu[1:]):
+            pos = torch.arange(hi - lo, device=q.device) if inputs["causal"] else None
+            out[lo:hi] = sdpa_reference(q[lo:hi], k[lo:hi], v[lo:hi], pos, scale)
+        return out
+
+    def baseline(self, inputs: dict) -> torch.Tensor | None:
+        """torch SDPA on [B, H, L, D] views of the packed tensors (no copy); None for ragged batches."""
+        q, k, v, cu = inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens"]
+        B, L = cu.shape[0] - 1, inputs["max_seqlen"]
+        if q.shape[0] != B * L:
+            return None
+        q4, k4, v4 = (t.view(B, L, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q4, k4, v4, is_causal=inputs["causal"], enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2).reshape(q.shape)
+
+    # --- direct calls ---------------------------------------------------------------------------
+    def call(self, q, k, v, cu_seqlens, max_seqlen, *, config: Config | None = None, **kwargs: Any) -> torch.Tensor:
+        return attention.prefill(q, k, v, cu_seqlens, max_seqlen, config=config, **kwargs)
+
+    def shape_from_call(self, q, k, v, cu_seqlens, max_seqlen, *, causal: bool = True, **_: Any) -> Shape:
+        return attention.prefill_shape(q, k, v, cu_seqlens, max_seqlen, causal=causal)
+
+    def bucket(self, shape: Shape) -> Shape:
+        """Batch and longest sequence rounded up to powers of two."""
+        return {**shape, "batch": next_pow2(shape["batch"]), "seqlen": next_pow2(shape["seqlen"])}
+
+    # --- cost model -----------------------------------------------------------------------------
+    def flops(self, shape: Shape) -> float:
+        """4 * D flops (q k^T and p v) per (query head, visible key, query) pair of every sequence."""
+        B, L, hq, _, d, causal = _dims(shape)
+        pairs = L * (L + 1) / 2 if causal else L * L
+        return 4.0 * B * hq * d * pairs
+
+    def bytes(self, shape: Shape, dtype: str) -> float:
+        """q and out [T, Hq, D] once, k and v [T, Hkv, D] once."""
+        B, L, hq, hkv, d, _ = _dims(shape)
+        return float(B * L * d * (2 * hq + 2 * hkv) * _elt(dtype))
+
+    def tiny_shapes(self) -> list[Shape]:
+        return [
+            {"batch": 3, "seqlen": 37, "heads_q": 4, "heads_kv": 2, "head_dim": 64, "causal": True},
+            {"batch": 2, "seqlen": 20, "heads_q": 2, "heads_kv": 2, "head_dim": 80, "causal": False},
+            {"batch": 2, "seqlen": 1, "heads_q": 8, "heads_kv": 1, "head_dim": 32, "causal": True},
+        ]
+
+
+FAMILY = PrefillFamily()
