@@ -123,6 +123,8 @@ class LLM:
             max_model_len=self.max_model_len,
             eos_token_ids=self.config.eos_token_ids,
         )
+        self._detoks: dict[int, IncrementalDetokenizer] = {}
+        self._prompt_texts: dict[int, str | None] = {}
 
     # --- checking requests ----------------------------------------------------------------------
     def _prompt_ids(self, i: int, prompt: object) -> list[int]:
@@ -195,6 +197,70 @@ class LLM:
         ]
 
     # --- serving --------------------------------------------------------------------------------
+    def add_request(
+        self, prompt: str | Seq[int], sampling_params: SamplingParams | None = None, *, index: int = 0
+    ) -> Sequence:
+        """Check one request and queue it; ``step`` then serves it. ``index`` names it in errors
+        and in its output. For online serving; ``generate`` does this for a whole batch."""
+        params = self._params(index, SamplingParams() if sampling_params is None else sampling_params)
+        seq = Sequence(index, self._prompt_ids(index, prompt), params)
+        self._queue(seq, prompt if isinstance(prompt, str) else None)
+        return seq
+
+    def _queue(self, seq: Sequence, prompt_text: str | None) -> None:
+        self._detoks[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+        self._prompt_texts[seq.seq_id] = prompt_text
+        self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Sequence]:
+        """One engine step: schedule, run the model, sample, retire finished requests.
+
+        Returns the sequences that received a token this step (``seq.is_finished`` tells which are done).
+        """
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []  # everything was preempted this step; the next step re-admits
+        out = self.runner.run(batch)
+        for seq, lp, plps in zip(batch.seqs, out.logprobs, out.prompt_logprobs):
+            if lp is not None:
+                seq.logprobs.append(lp)
+            for pos, value in plps:
+                seq.prompt_logprobs[pos] = value
+        finished = self.scheduler.postprocess(batch, out.tokens)
+        advanced = [seq for seq, token in zip(batch.seqs, out.tokens) if token is not None]
+        for seq in advanced:
+            self._detoks[seq.seq_id].add(seq.token_ids[-1])
+        for seq in finished:
+            self._detoks[seq.seq_id].flush()
+            self.runner.release(seq)
+        return advanced
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        """The result of a finished request (and forget its detokeniser)."""
+        if not seq.is_finished:
+            raise ValueError(f"request {seq.index} has not finished")
+        detok = self._detoks.pop(seq.seq_id)
+        return RequestOutput(
+            index=seq.index,
+            prompt=self._prompt_texts.pop(seq.seq_id),
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids,
+            text=detok.text,
+            finish_reason=seq.finish_reason,
+            logprobs=seq.logprobs if seq.params.logprobs else None,
+            prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs else None,
+        )
+
+    def abort_all(self) -> None:
+        """Drop every unfinished request and free its blocks."""
+        for seq in self.scheduler.abort_all():
+            self.runner.release(seq)
+            self._detoks.pop(seq.seq_id, None)
+            self._prompt_texts.pop(seq.seq_id, None)
+
     def generate(
         self,
         prompts: Seq[str] | Seq[Seq[int]],
@@ -204,47 +270,18 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt (strings or token-id lists); outputs in the prompts' order.
 
-        ``sampling_params``: one for all prompts, one per prompt, or None for the defaults.
+        ``sampling_params``: one for all prompts, one per prompt, or None for the defaults. Every
+        request is checked before any is queued. An error inside a step aborts all requests.
         """
         requests = self._requests(prompts, sampling_params)
         seqs = [Sequence(i, ids, params) for i, (_, ids, params) in enumerate(requests)]
-        detoks = {s.seq_id: IncrementalDetokenizer(self.tokenizer, s.token_ids) for s in seqs}
-        for seq in seqs:
-            self.scheduler.add(seq)
+        for seq, (text, _, _) in zip(seqs, requests):
+            self._queue(seq, text)
         try:
             with tqdm(total=len(seqs), desc="generate", unit="req", disable=not use_tqdm) as bar:
                 while self.scheduler.has_unfinished():
-                    batch = self.scheduler.schedule()
-                    if not batch.seqs:
-                        continue  # everything was preempted this step; the next step re-admits
-                    out = self.runner.run(batch)
-                    for seq, lp, plps in zip(batch.seqs, out.logprobs, out.prompt_logprobs):
-                        if lp is not None:
-                            seq.logprobs.append(lp)
-                        for pos, value in plps:
-                            seq.prompt_logprobs[pos] = value
-                    finished = self.scheduler.postprocess(batch, out.tokens)
-                    for seq, token in zip(batch.seqs, out.tokens):
-                        if token is not None:
-                            detoks[seq.seq_id].add(token)
-                    for seq in finished:
-                        detoks[seq.seq_id].flush()
-                        self.runner.release(seq)
-                    bar.update(len(finished))
+                    bar.update(sum(seq.is_finished for seq in self.step()))
         except BaseException:
-            for seq in self.scheduler.abort_all():
-                self.runner.release(seq)
+            self.abort_all()
             raise
-        return [
-            RequestOutput(
-                index=s.index,
-                prompt=requests[s.index][0],
-                prompt_token_ids=s.token_ids[: s.num_prompt_tokens],
-                token_ids=s.output_token_ids,
-                text=detoks[s.seq_id].text,
-                finish_reason=s.finish_reason,
-                logprobs=s.logprobs if s.params.logprobs else None,
-                prompt_logprobs=s.prompt_logprobs if s.params.prompt_logprobs else None,
-            )
-            for s in seqs
-        ]
+        return [self.output(s) for s in seqs]

@@ -200,3 +200,19 @@ def test_error_inside_a_step_leaves_engine_usable(llm, monkeypatch):
     assert not llm.scheduler.has_unfinished() and llm.block_manager.num_free_blocks == 40
     again = llm.generate([[4, 5, 6], [7, 8]], GREEDY, use_tqdm=False)
     assert [o.token_ids for o in again] == [o.token_ids for o in expected]
+
+
+def test_online_requests_join_a_running_batch(llm):
+    """add_request/step: a request arriving mid-generation gets the tokens it gets alone."""
+    alone = [o.token_ids for o in llm.generate([[4, 5, 6], "Later prompt"], GREEDY, use_tqdm=False)]
+    first = llm.add_request([4, 5, 6], GREEDY, index=0)
+    for _ in range(3):
+        llm.step()
+    assert first.num_output_tokens == 3
+    second = llm.add_request("Later prompt", GREEDY, index=1)
+    while llm.has_unfinished():
+        llm.step()
+    outs = [llm.output(first), llm.output(second)]
+    assert [o.token_ids for o in outs] == alone and outs[1].prompt == "Later prompt"
+    with pytest.raises(ValueError, match="request 7: prompt is empty"):
+        llm.add_request("", GREEDY, index=7)
