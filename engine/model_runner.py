@@ -155,6 +155,7 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
             max_seqlen_q=max(batch.num_new_tokens),
+            max_context_len=max(context_lens),
         )
         return _StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),

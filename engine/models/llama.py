@@ -46,7 +46,8 @@ class AttentionMetadata:
     """What one step's attention needs, for B sequences packing T new tokens.
 
     slot_mapping [T] int64, block_tables [B, max_blocks] int32, cu_seqlens_q [B + 1] int32,
-    context_lens [B] int32 (cached tokens per sequence, this step's included), max_seqlen_q.
+    context_lens [B] int32 (cached tokens per sequence, this step's included), and on the host
+    max_seqlen_q (longest query) and max_context_len (longest context).
     """
 
     slot_mapping: torch.Tensor
@@ -54,6 +55,7 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor
     context_lens: torch.Tensor
     max_seqlen_q: int
+    max_context_len: int
 
 
 class LlamaModel:
@@ -103,6 +105,7 @@ class LlamaModel:
                 meta.context_lens,
                 meta.max_seqlen_q,
                 self.sm_scale,
+                meta.max_context_len,
             )
             h = ops.linear(attn.reshape(T, cfg.q_size), layer.o)
             x, residual = ops.rmsnorm(h, layer.post_norm, cfg.rms_norm_eps, residual)

@@ -81,6 +81,11 @@ class TorchOps:
         context_lens: torch.Tensor,
         max_seqlen_q: int,
         sm_scale: float,
+        max_context_len: int | None = None,
     ) -> torch.Tensor:
-        """Attention of each sequence's new queries against its paged cache (see paged_attention_torch)."""
+        """Attention of each sequence's new queries against its paged cache (see paged_attention_torch).
+
+        ``max_context_len`` (the longest context, when the caller knows it) is a hint for kernels
+        choosing a config; the PyTorch path reads the lengths themselves.
+        """
         return paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, sm_scale=sm_scale)

@@ -26,7 +26,10 @@ class TritonOps(TorchOps):
         context_lens: torch.Tensor,
         max_seqlen_q: int,
         sm_scale: float,
+        max_context_len: int | None = None,
     ) -> torch.Tensor:
+        # max_context_len (known on the host) picks the config without reading context_lens back.
         return kernels.attention.paged(
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, sm_scale=sm_scale
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
+            sm_scale=sm_scale, max_context_len=max_context_len,
         )
