@@ -108,7 +108,7 @@ def write(path: str | os.PathLike, entries: list[Entry]) -> None:
             raise
 
 
-def _distance(query: dict[str, Any], shape: dict[str, Any]) -> tuple[float, int] | None:
+def shape_distance(query: dict[str, Any], shape: dict[str, Any]) -> tuple[float, int] | None:
     """(log distance, keys only one side has) between two shapes; None when they cannot match."""
     shared = query.keys() & shape.keys()
     total = 0.0
@@ -147,7 +147,7 @@ def select(
             continue
         if entry.get("device_key", device_key) != device_key:
             continue
-        d = _distance(shape, entry.get("shape", {}))
+        d = shape_distance(shape, entry.get("shape", {}))
         if d is not None and (best is None or (*d, key) < best[0]):
             best = ((*d, key), entry)
     if best is None:

@@ -15,11 +15,13 @@ Steps of one call:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
 import os
 import random
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from typing import Any
 
 import optuna
 import pandas as pd
+import sqlalchemy
 from optuna.storages import BaseStorage, RDBStorage
 from tqdm.auto import tqdm
 
@@ -95,10 +98,26 @@ def resolve_storage(storage: str | os.PathLike | BaseStorage | None) -> BaseStor
     else:
         raise TypeError(f"storage must be None, a URL, a path or an optuna storage, got {type(storage).__name__}")
     if url not in _STORAGES:
-        # Several processes may share one SQLite file: wait for its lock rather than fail.
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        _STORAGES[url] = RDBStorage(url, engine_kwargs=kwargs)
+        _STORAGES[url] = _sqlite_storage(url) if url.startswith("sqlite:///") else RDBStorage(url)
     return _STORAGES[url]
+
+
+def _sqlite_storage(url: str) -> RDBStorage:
+    """An SQLite storage tuned for many small commits (Optuna commits every parameter of a trial):
+    write-ahead logging and fsync at checkpoints only, and a long lock wait, since several processes
+    may share the file."""
+    path = Path(url.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the database file
+    storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+    @sqlalchemy.event.listens_for(storage.engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+    storage.engine.dispose()  # connections opened before the listener reconnect with it
+    return storage
 
 
 def study_name(family: Family, shape: dict, dtype: str) -> str:
@@ -106,18 +125,19 @@ def study_name(family: Family, shape: dict, dtype: str) -> str:
     return f"{family.name}|{dtype}|{cache.shape_key(shape)}|{device_facts().key}|{template_hash(family)}"
 
 
-def _warm_configs(fam: Family, shape: dict, dtype: str, entries: dict) -> list[Config]:
-    """The default config, then the winners of the cached shapes nearest to ``shape``."""
+def warm_configs(fam: Family, shape: dict, dtype: str, entries: dict[str, dict]) -> list[Config]:
+    """The default config, then the cached winners of the shapes nearest to ``shape`` (same family,
+    dtype and device; the exact shape's own earlier winner first)."""
     device_key = device_facts().key
     scored = []
     for key, entry in entries.items():
-        if entry.get("family") != fam.name or entry.get("dtype") != dtype or entry.get("device_key") != device_key:
+        if (entry.get("family"), entry.get("dtype"), entry.get("device_key")) != (fam.name, dtype, device_key):
             continue
-        d = cache.select({key: entry}, fam.name, dtype, shape, nearest=True, device_key=device_key)
+        d = cache.shape_distance(shape, entry.get("shape", {}))
         if d is not None:
-            scored.append((d["distance"], key, entry["config"]))
-    scored.sort(key=lambda s: s[:2])
-    return [fam.default_config(shape, dtype)] + [c for _, _, c in scored[:WARM_NEIGHBOURS]]
+            scored.append((*d, key, entry["config"]))
+    scored.sort(key=lambda s: s[:3])
+    return [fam.default_config(shape, dtype)] + [s[3] for s in scored[:WARM_NEIGHBOURS]]
 
 
 class _WorkerEvaluator:
@@ -273,7 +293,7 @@ def _tune(family, shape, dtype, n_trials, sampler, seed, cache_path, storage, wa
     if sampler == "exhaustive":
         order = list(valid)
         random.Random(seed).shuffle(order)
-    warm = _warm_configs(fam, shape, dtype, entries) if warm_start and sampler != "exhaustive" else []
+    warm = warm_configs(fam, shape, dtype, entries) if warm_start and sampler != "exhaustive" else []
     pool = shared_pool(compile_workers)
     pool.start()
     evaluator = _WorkerEvaluator(pool, ref, shape, dtype, timeout_s)

@@ -133,6 +133,9 @@ class Worker:
             answered = self._conn.poll(timeout)
         except (EOFError, OSError):
             answered = True
+        except BaseException:
+            self.kill()  # interrupted mid-request: its late reply must not answer the next request
+            raise
         if not answered:
             self.kill()
             return {"status": "failed", "reason": f"timed out after {timeout:g} s: worker killed and restarted"}

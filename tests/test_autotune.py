@@ -21,7 +21,7 @@ import kernels
 from autotune import cache
 from autotune.search import counted, fail_stale, make_sampler, result_of, run_search
 from autotune.space import SearchSpace, config_key
-from autotune.tuner import _warm_configs
+from autotune.tuner import warm_configs
 from kernels.device import device_facts
 from kernels.family import rel_error
 
@@ -149,7 +149,7 @@ def test_warm_start_enqueues_default_then_nearest_cached_winners():
     near = {**fam.default_config(shape, "float16"), "BLOCK_K": 32, "num_stages": 2}
     entries = {cache.entry_key("gemm", "float16", s): _entry("gemm", "float16", s, c)
                for s, c in (({"M": 1024, "N": 64, "K": 64}, far), ({"M": 48, "N": 64, "K": 64}, near))}
-    warm = _warm_configs(fam, shape, "float16", entries)
+    warm = warm_configs(fam, shape, "float16", entries)
     assert warm[:2] == [fam.default_config(shape, "float16"), near]
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), sampler=make_sampler("tpe", 0, 5))
     ev = _TableEvaluator()

@@ -1,0 +1,262 @@
+"""Tuning efficiency: how many trials each sampler needs to come within 97% / 99% of the best.
+
+    python -m autotune.efficiency --family gemm --dtype float16        # CPU: tiny shapes, ~1 minute
+    python -m autotune.efficiency --family gemm --dtype bfloat16 --shapes suite:0,7,13,25 \\
+        --max-configs 300 --seeds 5 --trials-per-seed 60                 # GPU: suite shapes
+
+Method. For each shape, the ``exhaustive`` sampler measures every valid config once through the
+real pipeline (:func:`autotune.tune`: worker processes, correctness gate, timing); with
+``--max-configs`` a seeded random subset of that many valid configs is measured instead, and that
+subset is the space the samplers search. The measured table is then the ground truth: each sampler
+(``tpe``, ``gp``, ``random``; and ``tpe+warm``, TPE warm-started with the default config and the
+exhaustive winners of the other shapes, nearest first) runs its search loop
+(:func:`autotune.search.run_search`, the same loop as a real tune: rejects and duplicates are free)
+against the table, once per seed, so many seeds cost no device time. A trial's cost is one
+evaluated config; a failed config counts as a trial and improves nothing.
+
+Reported per (shape, sampler, seed): the trials needed until the best time so far is within 97%
+and 99% of the exhaustive best (best_ms / best_so_far >= 0.97), also as a fraction of the space's
+configs. Per sampler: medians over runs, and the share of shapes whose median run reached 97% within
+10% of the space. Written under ``results/efficiency/``: ``<name>_runs.csv``, ``<name>_summary.csv``,
+``<name>_exhaustive.csv`` (the measured table) and ``<name>_best_so_far.png`` (mean over seeds of
+best/best-so-far against trials, one panel per shape); the exhaustive studies are kept in
+``results/efficiency_<name>.db``, so a rerun replays without measuring again.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import autotune  # noqa: E402
+from autotune import cache, families  # noqa: E402
+from autotune.paths import results_dir  # noqa: E402
+from autotune.search import make_sampler, run_search  # noqa: E402
+from autotune.space import Config, SearchSpace, config_key  # noqa: E402
+from autotune.tune_suite import GEMM_SUITE  # noqa: E402
+from autotune.tuner import _version, warm_configs  # noqa: E402
+from kernels.device import device_facts  # noqa: E402
+from kernels.family import Family  # noqa: E402
+
+LEVELS = (0.97, 0.99)
+SAMPLERS = ("tpe", "gp", "random", "tpe+warm")
+
+
+def parse_shapes(text: str | None, family: Family) -> list[dict[str, Any]]:
+    """Shapes from ``"M=37,N=29,K=45;M=1,N=64,K=96"``, ``"suite"`` / ``"suite:0,7"`` (the GEMM suite,
+    or some of its indices) or None (the family's first two tiny shapes)."""
+    if not text:
+        return family.tiny_shapes()[:2]
+    if text.startswith("suite"):
+        picks = text.partition(":")[2]
+        return [GEMM_SUITE[int(i)] for i in picks.split(",")] if picks else list(GEMM_SUITE)
+    shapes = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        shape = {}
+        for item in part.split(","):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"shape item {item!r} in {part!r} is not key=value")
+            low = value.strip().lower()
+            shape[key.strip()] = low == "true" if low in ("true", "false") else int(value)
+        shapes.append(shape)
+    return shapes
+
+
+def measure(family: Family, shape: dict, dtype: str, max_configs: int | None, storage: str, cache_path: Path,
+            timeout_s: float) -> pd.DataFrame:
+    """The exhaustive pass: one row per measured config (``key``, ``config``, ``status``, ``ms``)."""
+    res = autotune.tune(family, shape, dtype, n_trials=max_configs, sampler="exhaustive", seed=0, cache_path=cache_path,
+                        storage=storage, warm_start=False, confirm_top=0, timeout_s=timeout_s, progress=True)
+    done = res.trials[res.trials["status"].isin(["ok", "failed"])]
+    return pd.DataFrame({
+        "key": [config_key(c) for c in done["config"]], "config": list(done["config"]),
+        "status": list(done["status"]), "ms": [m if s == "ok" else math.inf for m, s in zip(done["ms"], done["status"])],
+    }).drop_duplicates("key")
+
+
+class _Replay:
+    """An evaluator answering from the exhaustive table."""
+
+    def __init__(self, table: pd.DataFrame):
+        self.ms = dict(zip(table["key"], table["ms"]))
+        self.curve: list[float] = []
+
+    def precompile(self, config: Config) -> None:
+        return None
+
+    def evaluate(self, config: Config) -> dict:
+        ms = self.ms[config_key(config)]
+        self.curve.append(ms)
+        if math.isinf(ms):
+            return {"status": "failed", "reason": "failed in the exhaustive pass"}
+        return {"status": "ok", "ms": ms, "ms_p20": ms, "ms_p80": ms}
+
+
+def replay(family: Family, shape: dict, dtype: str, table: pd.DataFrame, sampler: str, seed: int, budget: int,
+           warm: list[Config]) -> list[float]:
+    """Times of the configs one sampler evaluates, in order, searching the measured table."""
+    valid = list(table["config"])
+    measured = set(table["key"])
+    ev = _Replay(table)
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="minimize",
+                                sampler=make_sampler(sampler.split("+")[0], seed, budget))
+
+    def reject(config: Config) -> str | None:
+        return family.reject(shape, dtype, config) or (None if config_key(config) in measured else "not measured")
+
+    run_search(study, SearchSpace(family.space(shape, dtype)), valid, reject, min(budget, len(valid)), ev,
+               warm=warm, seed=seed)
+    return ev.curve
+
+
+def trials_to(curve: list[float], best: float, level: float) -> float:
+    """1-based trial at which the best so far reaches ``level`` of the best performance; NaN if never."""
+    so_far = math.inf
+    for i, ms in enumerate(curve, 1):
+        so_far = min(so_far, ms)
+        if best / so_far >= level:
+            return float(i)
+    return math.nan
+
+
+def _plot(curves: pd.DataFrame, path: Path) -> None:
+    shapes = list(dict.fromkeys(curves["shape"]))
+    cols = min(3, len(shapes))
+    rows = math.ceil(len(shapes) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, shape in zip(axes.flat, shapes):
+        sub = curves[curves["shape"] == shape]
+        for sampler, grp in sub.groupby("sampler", sort=False):
+            mean = grp.groupby("trial")["fraction_of_best"].mean()
+            ax.plot(mean.index, mean.values, label=sampler)
+        for level in LEVELS:
+            ax.axhline(level, color="grey", lw=0.7, ls="--")
+        ax.set_title(f"{shape} ({int(sub['n_configs'].iloc[0])} configs)", fontsize=9)
+        ax.set_xlabel("trials")
+        ax.set_ylabel("best / best so far")
+        ax.set_ylim(max(0.0, min(0.5, sub["fraction_of_best"].min())), 1.005)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(shapes):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="gemm")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--shapes", default=None, help='"M=37,N=29,K=45;M=1,N=64,K=96", "suite" or "suite:0,7"')
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--trials-per-seed", type=int, default=20)
+    parser.add_argument("--samplers", default=",".join(SAMPLERS))
+    parser.add_argument("--max-configs", type=int, default=None, help="measure a random subset of this many configs")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds one candidate may take")
+    parser.add_argument("--out", default=None, help="folder for the tables and the plot (default results/efficiency)")
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    family = families.resolve(args.family)
+    shapes = parse_shapes(args.shapes, family)
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    for s in samplers:
+        if s not in SAMPLERS:
+            parser.error(f"unknown sampler {s!r}; choose from {list(SAMPLERS)}")
+    if "gp" in samplers:
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            print("scipy is not installed: skipping the gp sampler")
+            samplers.remove("gp")
+    facts = device_facts()
+    name = f"{family.name}_{args.dtype}_{facts.key}"
+    out = Path(args.out) if args.out else results_dir() / "efficiency"
+    out.mkdir(parents=True, exist_ok=True)
+    storage = str(out.parent / f"efficiency_{name}.db") if not args.out else str(out / f"efficiency_{name}.db")
+
+    tables = {}
+    for shape in shapes:
+        tables[cache.shape_key(shape)] = measure(family, shape, args.dtype, args.max_configs, storage,
+                                                 out / f"{name}_cache.json", args.timeout)
+    winners = {}
+    for shape in shapes:
+        table = tables[cache.shape_key(shape)]
+        best = table.loc[table["ms"].idxmin()]
+        winners[cache.entry_key(family.name, args.dtype, shape)] = {
+            "family": family.name, "dtype": args.dtype, "shape": shape, "config": best["config"],
+            "device_key": facts.key}
+
+    runs, curves = [], []
+    for shape in shapes:
+        skey = cache.shape_key(shape)
+        table = tables[skey]
+        best_ms, n = float(table["ms"].min()), len(table)
+        others = {k: v for k, v in winners.items() if v["shape"] != shape}
+        for sampler in samplers:
+            warm = warm_configs(family, shape, args.dtype, others) if sampler == "tpe+warm" else []
+            for seed in range(args.seeds):
+                curve = replay(family, shape, args.dtype, table, sampler, seed, args.trials_per_seed, warm)
+                row = {"shape": skey, "sampler": sampler, "seed": seed, "n_configs": n, "budget": len(curve),
+                       "best_ms": best_ms, "final_fraction": best_ms / min(curve)}
+                for level in LEVELS:
+                    t = trials_to(curve, best_ms, level)
+                    pct = int(level * 100)
+                    row[f"trials_to_{pct}"] = t
+                    row[f"space_fraction_to_{pct}"] = t / n
+                runs.append(row)
+                so_far = math.inf
+                for i, ms in enumerate(curve, 1):
+                    so_far = min(so_far, ms)
+                    curves.append({"shape": skey, "sampler": sampler, "seed": seed, "trial": i, "n_configs": n,
+                                   "fraction_of_best": best_ms / so_far})
+
+    stamp = {"family": family.name, "dtype": args.dtype, "device": facts.name, "torch": _version("torch"),
+             "triton": _version("triton"), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    runs_df = pd.DataFrame(runs).assign(**stamp)
+    summary = summarize(runs_df).assign(**stamp)
+    runs_df.to_csv(out / f"{name}_runs.csv", index=False)
+    summary.to_csv(out / f"{name}_summary.csv", index=False)
+    pd.concat([t.assign(shape=k, config=[json.dumps(c, sort_keys=True) for c in t["config"]]).drop(columns="key")
+               for k, t in tables.items()]).assign(**stamp).to_csv(out / f"{name}_exhaustive.csv", index=False)
+    _plot(pd.DataFrame(curves), out / f"{name}_best_so_far.png")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(summary.drop(columns=list(stamp)))
+    print(f"wrote {out / (name + '_runs.csv')}, {name}_summary.csv, {name}_exhaustive.csv and {name}_best_so_far.png")
+    return summary
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per sampler: median trials and space fraction to 97%/99% (runs that never got there count as
+    infinite), the share of runs that got there, and the share of shapes whose median run reached
+    the level within 10% of the space's configs."""
+    rows = []
+    for sampler, grp in runs.groupby("sampler", sort=False):
+        row: dict[str, Any] = {"sampler": sampler, "runs": len(grp), "shapes": grp["shape"].nunique()}
+        for level in LEVELS:
+            pct = int(level * 100)
+            t = grp[f"trials_to_{pct}"].fillna(math.inf)
+            frac = grp[f"space_fraction_to_{pct}"].fillna(math.inf)
+            per_shape = frac.groupby(grp["shape"]).median()
+            row[f"median_trials_to_{pct}"] = float(t.median())
+            row[f"median_space_fraction_to_{pct}"] = float(frac.median())
+            row[f"runs_reaching_{pct}"] = float((t < math.inf).mean())
+            row[f"shapes_{pct}_within_10pct_of_space"] = float((per_shape <= 0.10).mean())
+        row["mean_final_fraction"] = float(grp["final_fraction"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The tuning-efficiency report: its arithmetic, and the command end to end on a tiny measured space."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from autotune import efficiency
+
+
+def test_trials_to_level_counts_from_one():
+    curve = [4.0, 2.0, math.inf, 1.02, 1.0]
+    assert efficiency.trials_to(curve, 1.0, 0.97) == 4  # 1 / 1.02 = 0.980
+    assert efficiency.trials_to(curve, 1.0, 0.99) == 5
+    assert math.isnan(efficiency.trials_to([2.0, math.inf], 1.0, 0.97))
+
+
+def test_summary_medians_and_shares():
+    runs = pd.DataFrame([
+        {"shape": s, "sampler": "tpe", "seed": seed, "n_configs": 100, "final_fraction": 1.0,
+         "trials_to_97": t, "space_fraction_to_97": t / 100, "trials_to_99": math.nan, "space_fraction_to_99": math.nan}
+        for s, seed, t in [("a", 0, 5.0), ("a", 1, 9.0), ("a", 2, 30.0), ("b", 0, 40.0), ("b", 1, math.nan), ("b", 2, 12.0)]
+    ])
+    row = efficiency.summarize(runs).iloc[0]
+    assert row["median_trials_to_97"] == 21.0  # of 5, 9, 12, 30, 40, inf
+    assert row["runs_reaching_97"] == 5 / 6
+    assert row["shapes_97_within_10pct_of_space"] == 0.5  # a: median 9 trials (9%), b: median 40 (40%)
+    assert row["runs_reaching_99"] == 0 and math.isinf(row["median_trials_to_99"])
+
+
+def test_efficiency_command_writes_tables_and_plot(tmp_path):
+    summary = efficiency.main([
+        "--family", "gemm", "--dtype", "float16", "--shapes", "M=16,N=48,K=64;M=24,N=48,K=64",
+        "--max-configs", "10", "--seeds", "2", "--trials-per-seed", "5", "--samplers", "tpe,random,tpe+warm",
+        "--out", str(tmp_path),
+    ])
+    assert list(summary["sampler"]) == ["tpe", "random", "tpe+warm"]
+    name = "gemm_float16_cpu_interpreter"
+    runs = pd.read_csv(tmp_path / f"{name}_runs.csv")
+    assert len(runs) == 2 * 3 * 2 and set(runs["budget"]) == {5} and set(runs["n_configs"]) == {10}
+    assert ((runs["trials_to_97"] <= 5) | runs["trials_to_97"].isna()).all()
+    assert (runs["final_fraction"] <= 1.0).all() and {"device", "torch", "triton", "date"} <= set(runs.columns)
+    measured = pd.read_csv(tmp_path / f"{name}_exhaustive.csv")
+    assert len(measured) == 20 and (measured["ms"] > 0).all()
+    assert (tmp_path / f"{name}_best_so_far.png").read_bytes()[:4] == b"\x89PNG"
