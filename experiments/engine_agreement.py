@@ -68,7 +68,7 @@ def hf_generate(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, d
     tokens, logprobs = [], []
     for p in prompts:
         out = model.generate(
-            torch.tensor([p], device=device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            torch.tensor([p], device=device), max_new_tokens=new_tokens,
             do_sample=False, output_logits=True, return_dict_in_generate=True,
         )
         toks = out.sequences[0, len(p):].tolist()
@@ -97,7 +97,11 @@ def hf_teacher_forced(model_dir: Path, sequences, starts, dtype: torch.dtype, de
 def compare(args: argparse.Namespace, model_dir: Path, device: torch.device) -> pd.DataFrame:
     dtype = DTYPES[args.dtype]
     cfg = json.loads((model_dir / "config.json").read_text())
-    lens = [max(1, round(n * args.max_prompt_len / max(PROMPT_LENS))) for n in PROMPT_LENS[: args.prompts]]
+    # Evenly spaced picks of PROMPT_LENS scaled to --max-prompt-len, kept distinct (so no two prompts are equal).
+    picks = [PROMPT_LENS[round(i * (len(PROMPT_LENS) - 1) / max(1, args.prompts - 1))] for i in range(args.prompts)]
+    lens: list[int] = []
+    for n in picks:
+        lens.append(max(len(lens) + 1, round(n * args.max_prompt_len / max(PROMPT_LENS)), lens[-1] + 1 if lens else 1))
     prompts = make_prompts(cfg["bos_token_id"], cfg["vocab_size"], lens, args.seed)
     n = args.tokens
 
