@@ -25,8 +25,8 @@ from engine.ops import BACKENDS, get_ops
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from kernels.family import DTYPES
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -94,11 +94,11 @@ class LLM:
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         elif isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise TypeError(f"LLM: dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-            dtype = _DTYPES[dtype]
-        elif dtype not in _DTYPES.values():
-            raise TypeError(f"LLM: dtype must be one of {list(_DTYPES)}, got {dtype}")
+            if dtype not in DTYPES:
+                raise TypeError(f"LLM: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        elif dtype not in DTYPES.values():
+            raise TypeError(f"LLM: dtype must be one of {list(DTYPES)}, got {dtype}")
         self.dtype = dtype
         self.kernels = kernels
         self.enforce_eager = enforce_eager

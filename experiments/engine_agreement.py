@@ -44,9 +44,9 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.checkpoint import make_checkpoint
+from kernels.family import DTYPES
 
 PROMPT_LENS = (1, 3, 7, 12, 16, 24, 31, 40, 55, 64, 80, 100, 128, 160, 200, 256)
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def make_prompts(bos: int, vocab: int, lens: list[int], seed: int) -> list[list[int]]:
