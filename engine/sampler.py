@@ -41,7 +41,7 @@ class Sampler:
         greedy = temperature == 0
         if bool(greedy.all()):
             return greedy_tokens
-        B, V = logits.shape
+        V = logits.shape[1]
         scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         ranks = torch.arange(V, device=logits.device)
