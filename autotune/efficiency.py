@@ -1,8 +1,8 @@
 """Tuning efficiency: how many trials each sampler needs to come within 97% / 99% of the best.
 
     python -m autotune.efficiency --family gemm --dtype float16        # CPU: tiny shapes, ~1 minute
-    python -m autotune.efficiency --family gemm --dtype bfloat16 --shapes suite:0,7,13,25 \\
-        --max-configs 300 --seeds 5 --trials-per-seed 60                 # GPU: suite shapes
+    python -m autotune.efficiency --family gemm --dtype bfloat16 --shapes suite:1,9,16,24 \\
+        --max-configs 250 --seeds 5 --trials-per-seed 50                 # GPU: four suite shapes
 
 Method. For each shape, the ``exhaustive`` sampler measures every valid config once through the
 real pipeline (:func:`autotune.tune`: worker processes, correctness gate, timing); with
@@ -20,7 +20,7 @@ configs. Per sampler: medians over runs, and the share of shapes whose median ru
 10% of the space. Written under ``results/efficiency/``: ``<name>_runs.csv``, ``<name>_summary.csv``,
 ``<name>_exhaustive.csv`` (the measured table) and ``<name>_best_so_far.png`` (mean over seeds of
 best/best-so-far against trials, one panel per shape); the exhaustive studies are kept in
-``results/efficiency_<name>.db``, so a rerun replays without measuring again.
+``results/efficiency_<name>.db`` (git-ignored), so a rerun replays without measuring again.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
     parser.add_argument("--max-configs", type=int, default=None, help="measure a random subset of this many configs")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds one candidate may take")
+    parser.add_argument("--time-limit-min", type=float, default=9.0,
+                        help="measure no new shape after this many minutes (a rerun resumes)")
     parser.add_argument("--out", default=None, help="folder for the tables and the plot (default results/efficiency)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -184,12 +187,19 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     name = f"{family.name}_{args.dtype}_{facts.key}"
     out = Path(args.out) if args.out else results_dir() / "efficiency"
     out.mkdir(parents=True, exist_ok=True)
-    storage = str(out.parent / f"efficiency_{name}.db") if not args.out else str(out / f"efficiency_{name}.db")
+    # The exhaustive studies and their cache entries are working files: git-ignored places by default.
+    storage = str(out / f"efficiency_{name}.db") if args.out else str(results_dir() / f"efficiency_{name}.db")
+    scratch = out if args.out else results_dir() / "runs" / "efficiency"
+    scratch.mkdir(parents=True, exist_ok=True)
 
-    tables = {}
+    tables, start = {}, time.perf_counter()
     for shape in shapes:
+        if time.perf_counter() - start > args.time_limit_min * 60:
+            print(f"time limit reached after measuring {len(tables)} of {len(shapes)} shapes; rerun the same "
+                  "command to measure the rest (measured configs are kept) and write the report")
+            return pd.DataFrame()
         tables[cache.shape_key(shape)] = measure(family, shape, args.dtype, args.max_configs, storage,
-                                                 out / f"{name}_cache.json", args.timeout)
+                                                 scratch / f"{name}_cache.json", args.timeout)
     winners = {}
     for shape in shapes:
         table = tables[cache.shape_key(shape)]
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                for k, t in tables.items()]).assign(**stamp).to_csv(out / f"{name}_exhaustive.csv", index=False)
     _plot(pd.DataFrame(curves), out / f"{name}_best_so_far.png")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(summary.drop(columns=list(stamp)))
+        print(summary.drop(columns=list(stamp)).set_index("sampler").T.to_string(float_format=lambda x: f"{x:.3g}"))
     print(f"wrote {out / (name + '_runs.csv')}, {name}_summary.csv, {name}_exhaustive.csv and {name}_best_so_far.png")
     return summary
 

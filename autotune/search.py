@@ -42,7 +42,7 @@ class Evaluator(Protocol):
     """Measures configs of one (family, shape, dtype)."""
 
     def precompile(self, config: Config) -> cf.Future | None:
-        """Start compiling ``config`` in the background (a future of a reply), or None."""
+        """Start compiling ``config`` in the background (a future to wait for), or None."""
 
     def evaluate(self, config: Config) -> dict[str, Any]:
         """``{"status": "ok", "ms", "ms_p20", "ms_p80", ...}`` or ``{"status": "failed", "reason"}``."""
@@ -220,9 +220,9 @@ def run_search(
                     fresh = key not in done and key not in inflight
                 else:
                     fresh = not claimed(key)
-                why = reject(config) if key not in valid_keys else None
                 if key not in valid_keys:
-                    finish(trial, config, {"status": "rejected", "reason": why or "not in the measured set"}, TrialState.PRUNED)
+                    why = reject(config) or "not in the measured set"
+                    finish(trial, config, {"status": "rejected", "reason": why}, TrialState.PRUNED)
                     report.rejected += 1
                     enqueue_nearest(config)
                 elif not fresh:

@@ -22,6 +22,7 @@ from autotune import cache
 from autotune.search import counted, fail_stale, make_sampler, result_of, run_search
 from autotune.space import SearchSpace, config_key
 from autotune.tuner import warm_configs
+from autotune.worker import shared_pool
 from kernels.device import device_facts
 from kernels.family import rel_error
 
@@ -77,8 +78,11 @@ def test_lookup_exact_nearest_and_none(gemm_tune):
 
 def test_resume_runs_only_the_missing_trials(gemm_tune):
     _, cache_path, storage = gemm_tune
+    timer = shared_pool(0).timer
+    pid = timer.pid
     more = autotune.tune("gemm", SHAPE, "float16", n_trials=5, cache_path=cache_path, storage=storage)
     assert (more.n_trials, more.new_trials) == (5, 2)
+    assert timer.alive and timer.pid == pid  # healthy trials reuse the live worker
     again = autotune.tune("gemm", SHAPE, "float16", n_trials=5, cache_path=cache_path, storage=storage)
     assert (again.n_trials, again.new_trials) == (5, 0)
     assert again.config == more.config and again.ms == more.ms  # the stored confirmation, not a re-timing
