@@ -1,13 +1,17 @@
 """Naming kernel families so that a worker process can find the same family again.
 
 The tuner accepts a registered family name or a :class:`~kernels.family.Family` instance. Worker
-processes are spawned (CUDA forbids fork), so they receive a reference they can import: the
-registered name, or ``"module:attribute"`` for an instance defined at module level elsewhere (a
-test-only family, a family under development).
+processes are fresh interpreters (CUDA forbids fork), so they receive a reference they can resolve:
+the registered name; ``"module:attribute"`` for an instance defined at module level elsewhere (a
+test-only family, a family under development); or, for an instance held nowhere importable, the
+instance pickled (``"pickle:<base64>"``), which needs its class to be importable.
 """
 from __future__ import annotations
 
+import base64
+import functools
 import importlib
+import pickle
 import sys
 
 import kernels
@@ -19,6 +23,8 @@ def resolve(family: str | Family) -> Family:
     if isinstance(family, Family):
         return family
     if isinstance(family, str):
+        if family.startswith("pickle:"):
+            return _unpickle(family)
         if ":" in family:
             module, _, attr = family.partition(":")
             obj = getattr(importlib.import_module(module), attr, None)
@@ -40,7 +46,18 @@ def reference(family: str | Family) -> str:
         for attr, value in vars(module).items():
             if value is fam:
                 return f"{module_name}:{attr}"
+    if module_name != "__main__" and "<locals>" not in type(fam).__qualname__:
+        return "pickle:" + base64.b64encode(pickle.dumps(fam)).decode()
     raise TypeError(
-        f"family {fam.name!r} is neither registered in kernels nor a module-level attribute of an importable "
-        f"module (its class lives in {module_name!r}); worker processes could not load it"
+        f"family {fam.name!r} is not registered in kernels and its class {type(fam).__qualname__!r} cannot be "
+        f"imported from module {module_name!r}; define the family in an importable module so that worker "
+        f"processes can load it"
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _unpickle(ref: str) -> Family:
+    fam = pickle.loads(base64.b64decode(ref.removeprefix("pickle:")))
+    if not isinstance(fam, Family):
+        raise ValueError("a pickled family reference does not hold a kernel Family")
+    return fam

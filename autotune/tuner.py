@@ -146,15 +146,25 @@ class _WorkerEvaluator:
     def __init__(self, pool: WorkerPool, family_ref: str, shape: dict, dtype: str, timeout_s: float):
         self.pool, self.timeout_s = pool, timeout_s
         self.msg = {"family": family_ref, "shape": dict(shape), "dtype": dtype, "seed": 0}
+        self._started = False
+
+    def _start(self) -> None:
+        # All processes at once, and only when there is work (a finished study needs none).
+        if not self._started:
+            self.pool.start()
+            self._started = True
 
     def precompile(self, config: Config):
+        self._start()
         return self.pool.precompile({**self.msg, "config": config}, timeout=max(60.0, 2 * self.timeout_s))
 
     def evaluate(self, config: Config) -> dict[str, Any]:
+        self._start()
         msg = {**self.msg, "op": "evaluate", "config": config, "timing": dataclasses.asdict(SEARCH_TIMING)}
         return self.pool.evaluate(msg, self.timeout_s)
 
     def confirm(self, configs: list[Config], rounds: int) -> dict[str, Any]:
+        self._start()
         msg = {**self.msg, "op": "confirm", "configs": configs, "rounds": rounds, "baseline": True,
                "timing": dataclasses.asdict(CONFIRM_TIMING)}
         return self.pool.evaluate(msg, self.timeout_s * (len(configs) + 1))
@@ -294,10 +304,10 @@ def _tune(family, shape, dtype, n_trials, sampler, seed, cache_path, storage, wa
         order = list(valid)
         random.Random(seed).shuffle(order)
     warm = warm_configs(fam, shape, dtype, entries) if warm_start and sampler != "exhaustive" else []
-    pool = shared_pool(compile_workers)
-    pool.start()
-    evaluator = _WorkerEvaluator(pool, ref, shape, dtype, timeout_s)
-    with tqdm(total=budget, disable=not progress, desc=f"{fam.name} {cache.shape_key(shape)}", leave=False) as bar:
+    evaluator = _WorkerEvaluator(shared_pool(compile_workers), ref, shape, dtype, timeout_s)
+    spent = len(counted(study.get_trials(deepcopy=False))) if progress else 0
+    with tqdm(total=budget, initial=spent, disable=not progress, desc=f"{fam.name} {cache.shape_key(shape)}",
+              leave=False) as bar:
         report = run_search(
             study, space, valid, lambda c: fam.reject(shape, dtype, c), budget, evaluator,
             warm=warm, order=order, lookahead=max(1, compile_workers), seed=seed,

@@ -18,7 +18,7 @@ import torch
 import autotune
 import faulty_family
 import kernels
-from autotune import cache
+from autotune import cache, families
 from autotune.search import counted, fail_stale, make_sampler, result_of, run_search
 from autotune.space import SearchSpace, config_key
 from autotune.tuner import warm_configs
@@ -247,6 +247,23 @@ def test_tuned_dispatch_uses_the_cached_config_once_and_falls_back(tmp_path, mon
     assert len(reads) == 1
     assert autotune.tuned("gemm", cache_path=path) is autotune.tuned("gemm", cache_path=path)
     assert autotune.tuned("gemm", cache_path=tmp_path / "none.json").config_for(SHAPE, "float16") == (None, "default")
+
+
+def test_family_references_resolve_back_to_the_family():
+    gemm = kernels.get_family("gemm")
+    assert families.reference("gemm") == families.reference(gemm) == "gemm"
+    assert families.reference(faulty_family.FAMILY) == "faulty_family:FAMILY"
+    assert families.resolve("faulty_family:FAMILY") is faulty_family.FAMILY
+    unnamed = faulty_family.FaultyFamily()  # held by no module: travels pickled
+    assert isinstance(families.resolve(families.reference(unnamed)), faulty_family.FaultyFamily)
+
+    class Local(faulty_family.FaultyFamily):
+        pass
+
+    with pytest.raises(TypeError, match="Local"):
+        families.reference(Local())
+    with pytest.raises(TypeError, match="Family"):
+        families.resolve(42)
 
 
 def test_bad_arguments_are_named(tmp_path):
