@@ -8,7 +8,8 @@ shapes, devices or values, each message naming the argument), pick the family's 
 ``config`` is None (no cache lookup happens in kernels/; tuned dispatch lives in autotune/), and
 launch the emitted module of that (shape facts, dtype, config). The checks that read values on the
 device (cu_seqlens, context lengths, block tables) cost one host synchronisation per call; they are
-skipped while a CUDA graph is being captured, where reading device memory is impossible.
+skipped with ``check_values=False`` (timing loops, an engine that built the metadata itself) and
+while a CUDA graph is being captured, where reading device memory is impossible.
 
 The kernels themselves are in kernels/templates/attention_prefill.py.j2 and attention_paged.py.j2;
 the families (spaces, defaults, inputs, references, cost models) in kernels/attention_prefill.py and
@@ -182,6 +183,7 @@ def prefill(
     sm_scale: float | None = None,
     config: Config | None = None,
     out: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Attention over packed variable-length sequences (FlashAttention-2 forward).
 
@@ -191,7 +193,8 @@ def prefill(
     cu_seqlens[b] .. cu_seqlens[b+1]; it starts at 0, never decreases and ends at T. max_seqlen:
     an int >= the longest sequence (sets the grid). causal: token i sees tokens 0..i of its own
     sequence, else all of them. sm_scale: default 1/sqrt(D). config: None for the family's default.
-    out [T, Hq, D] of q's dtype is written when given. Returns out [T, Hq, D].
+    out [T, Hq, D] of q's dtype is written when given. check_values: read cu_seqlens back to check
+    it (one host sync). Returns out [T, Hq, D].
     """
     fn = "prefill"
     shape = prefill_shape(q, k, v, cu_seqlens, max_seqlen, causal=causal)
@@ -199,7 +202,7 @@ def prefill(
     key = _config_key(fn, config)
     out = _out(fn, out, q)
     T = q.shape[0]
-    if not _capturing(q):
+    if check_values and not _capturing(q):
         lens = _lengths(cu_seqlens)
         _raise_on_values(fn, [
             (cu_seqlens[0] != 0, "cu_seqlens must start at 0"),
@@ -306,6 +309,7 @@ def paged(
     config: Config | None = None,
     out: torch.Tensor | None = None,
     max_context_len: int | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Attention of new query tokens over a paged KV cache (decode, chunked prefill, cached prefix).
 
@@ -316,17 +320,18 @@ def paged(
     context_lens [B] int32 cached tokens per sequence, the new ones included (already written).
     Query token i of sequence b sits at position context_lens[b] - q_len_b + i and attends to
     positions 0 .. its own. max_seqlen_q: an int >= the longest query (1 selects the decode
-    variants). max_context_len: optional bound on context_lens used to pick the default config
-    (saves a sync, needed under CUDA graph capture). Returns out [T, Hq, D].
+    variants). max_context_len: optional bound on context_lens that picks the default config.
+    check_values: read the metadata back to check it (one host sync; it also gives the longest
+    context). Without either, the default config is picked for the block table's capacity.
+    Returns out [T, Hq, D].
     """
     fn = "paged"
     shape = _paged_structure(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q)
     scale = _scale(fn, sm_scale, q.shape[2])
     key = _config_key(fn, config)
     out = _out(fn, out, q)
-    if _capturing(q):
-        longest = block_tables.shape[1] * shape["block_size"]
-    else:
+    longest = block_tables.shape[1] * shape["block_size"]
+    if check_values and not _capturing(q):
         longest = _paged_values(q, k_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q)
     if max_context_len is not None:
         longest = _positive_int(fn, "max_context_len", max_context_len)

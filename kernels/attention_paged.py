@@ -18,7 +18,7 @@ The template is ``kernels/templates/attention_paged.py.j2``; the direct call is
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -147,14 +147,17 @@ class PagedFamily(Family):
         }
 
     # --- running --------------------------------------------------------------------------------
-    def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0,
-                    ragged: bool = True) -> dict:
-        """A paged cache with shuffled (non-contiguous) block tables and spare blocks of noise.
+    def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0, *,
+                    ragged: bool = False, query_lens: list[int] | None = None,
+                    context_lens: list[int] | None = None) -> dict:
+        """A paged cache behind a shuffled (non-contiguous) block table, with spare blocks of noise.
 
-        With ``ragged`` the first sequence has ``query_len`` new tokens over ``context_len``; the
-        others draw query lengths in 1..query_len and context lengths in query_len..context_len,
-        avoiding multiples of the block size. Without, every sequence has exactly those lengths
-        (what the cost model counts). Table entries past a context are -1 (never read).
+        By default every sequence has ``query_len`` new tokens over ``context_len`` cached ones
+        (what the cost model counts and SDPA can run; the tiny shapes' contexts end inside a block).
+        ``ragged``: the first sequence keeps those lengths, the others draw query lengths in
+        1..query_len and context lengths in query_len..context_len, avoiding multiples of the block
+        size. ``query_lens`` / ``context_lens``: the ``batch`` lengths to use instead (a query no
+        longer than its context, contexts up to context_len). Table entries past a context are -1.
         """
         B, lq, lc, hq, hkv, d, bs = _dims(shape)
         dt = torch_dtype(dtype)
@@ -167,11 +170,14 @@ class PagedFamily(Family):
                     if ctx[b] % bs or bs == 1:
                         break
                 qlen[b] = int(torch.randint(1, min(lq, ctx[b]) + 1, (), generator=rng))
-        max_blocks = -(-lc // bs)
+        ctx = ctx if context_lens is None else [int(c) for c in context_lens]
+        qlen = qlen if query_lens is None else [int(n) for n in query_lens]
+        if len(ctx) != B or len(qlen) != B or not all(0 <= n <= c <= lc for n, c in zip(qlen, ctx)):
+            raise ValueError(f"need {B} query lengths <= context lengths <= {lc}, got {qlen} and {ctx}")
         needed = [-(-c // bs) for c in ctx]
-        num_blocks = sum(needed) + 3  # spare blocks: noise a wrong index would read
+        num_blocks = sum(needed) + 3  # spare blocks: noise that a wrong index would read
         perm = torch.randperm(num_blocks, generator=rng)
-        table = torch.full((B, max_blocks), -1, dtype=torch.int32)
+        table = torch.full((B, -(-lc // bs)), -1, dtype=torch.int32)
         used = 0
         for b, n in enumerate(needed):
             table[b, :n] = perm[used:used + n]
@@ -194,6 +200,13 @@ class PagedFamily(Family):
     def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
         return attention.paged(*self._args(inputs), config=config, out=inputs.get("out"))
 
+    def timed_call(self, inputs: dict, config: Config | None) -> Callable[[], Any]:
+        """The launch without the host read-back of the metadata (checked by ``run``)."""
+        args = self._args(inputs)
+        longest = int(inputs["context_lens"].max())
+        return lambda: attention.paged(*args, config=config, out=inputs["out"], max_context_len=longest,
+                                       check_values=False)
+
     def reference(self, inputs: dict) -> torch.Tensor:
         """Per sequence: gather its cache positions through the block table, float64 causal attention."""
         q, k_cache, v_cache = inputs["q"], inputs["k_cache"], inputs["v_cache"]
@@ -209,6 +222,28 @@ class PagedFamily(Family):
             pos = ctx[b] - (hi - lo) + torch.arange(hi - lo, device=q.device)
             out[lo:hi] = sdpa_reference(q[lo:hi], k, v, pos, 1.0 / math.sqrt(d))
         return out
+
+    def baseline(self, inputs: dict) -> torch.Tensor | None:
+        """torch SDPA over a contiguous cache of the same shape, [B, Hkv, context, D] (gathered on the
+        first call and kept in ``inputs``), when every sequence has the same query and context
+        lengths; None otherwise. Queries are bottom-right aligned: causal when they fill the
+        context, an explicit mask when they are a suffix of it, none for decode."""
+        if "_sdpa_kv" not in inputs:
+            inputs["_sdpa_kv"] = _contiguous_cache(inputs)
+        kv = inputs["_sdpa_kv"]
+        if kv is None:
+            return None
+        k, v = kv
+        q = inputs["q"]
+        B, hkv, lc, d = k.shape
+        lq = q.shape[0] // B
+        q4 = q.view(B, lq, q.shape[1], d).transpose(1, 2)
+        mask = None
+        if 1 < lq < lc:
+            mask = torch.arange(lc, device=q.device)[None, :] <= torch.arange(lc - lq, lc, device=q.device)[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q4, k, v, attn_mask=mask, is_causal=lq == lc and lq > 1, enable_gqa=q.shape[1] != hkv)
+        return out.transpose(1, 2).reshape(q.shape)
 
     # --- direct calls ---------------------------------------------------------------------------
     def call(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, *,
@@ -250,6 +285,21 @@ class PagedFamily(Family):
             {"batch": 3, "query_len": 7, "context_len": 29, "heads_q": 4, "heads_kv": 1, "head_dim": 32, "block_size": 8},
             {"batch": 2, "query_len": 1, "context_len": 70, "heads_q": 8, "heads_kv": 1, "head_dim": 80, "block_size": 32},
         ]
+
+
+def _contiguous_cache(inputs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """K and V [B, Hkv, context, D] gathered through the block table, or None when the sequences'
+    query or context lengths differ (SDPA over a padded cache would need a mask per sequence)."""
+    q_lens = (inputs["cu_seqlens_q"][1:] - inputs["cu_seqlens_q"][:-1]).tolist()
+    ctx = inputs["context_lens"].tolist()
+    if len(set(q_lens)) != 1 or len(set(ctx)) != 1 or q_lens[0] == 0:
+        return None
+    bs, hkv, d = inputs["k_cache"].shape[1:]
+    blocks = inputs["block_tables"][:, : -(-ctx[0] // bs)].long()
+    return tuple(
+        cache[blocks].reshape(len(ctx), -1, hkv, d)[:, : ctx[0]].transpose(1, 2).contiguous()
+        for cache in (inputs["k_cache"], inputs["v_cache"])
+    )
 
 
 FAMILY = PagedFamily()

@@ -14,7 +14,7 @@ The template is ``kernels/templates/attention_prefill.py.j2``; the direct call i
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -150,15 +150,19 @@ class PrefillFamily(Family):
         }
 
     # --- running --------------------------------------------------------------------------------
-    def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0,
-                    ragged: bool = True) -> dict:
-        """q, k, v packed over ``batch`` sequences; with ``ragged`` the first has ``seqlen`` tokens and
-        the others random lengths in 1..seqlen (varlen), else all have ``seqlen`` (what the cost
-        model counts)."""
+    def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0, *,
+                    ragged: bool = False, seqlens: list[int] | None = None) -> dict:
+        """q, k, v packed over ``batch`` sequences of ``seqlen`` tokens each (what the cost model
+        counts and SDPA can run). ``ragged``: the first keeps ``seqlen``, the others draw lengths in
+        1..seqlen. ``seqlens``: the ``batch`` lengths (0..seqlen) to use instead."""
         B, L, hq, hkv, d, causal = _dims(shape)
         dt = torch_dtype(dtype)
         lens = [L] * B
-        if ragged:
+        if seqlens is not None:
+            lens = [int(n) for n in seqlens]
+            if len(lens) != B or not all(0 <= n <= L for n in lens):
+                raise ValueError(f"seqlens must be {B} lengths in 0..{L}, got {seqlens}")
+        elif ragged:
             rng = torch.Generator().manual_seed(seed)
             lens[1:] = torch.randint(1, L + 1, (B - 1,), generator=rng).tolist()
         T = sum(lens)
@@ -168,13 +172,21 @@ class PrefillFamily(Family):
         return {"q": q, "k": k, "v": v, "cu_seqlens": cu, "max_seqlen": L, "causal": causal,
                 "out": torch.empty_like(q)}
 
+    @staticmethod
+    def _args(inputs: dict) -> tuple:
+        return tuple(inputs[k] for k in ("q", "k", "v", "cu_seqlens", "max_seqlen"))
+
     def shape_of(self, inputs: dict) -> Shape:
-        return self.shape_from_call(inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens"],
-                                    inputs["max_seqlen"], causal=inputs["causal"])
+        return self.shape_from_call(*self._args(inputs), causal=inputs["causal"])
 
     def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
-        return attention.prefill(inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens"], inputs["max_seqlen"],
-                                 causal=inputs["causal"], config=config, out=inputs.get("out"))
+        return attention.prefill(*self._args(inputs), causal=inputs["causal"], config=config, out=inputs.get("out"))
+
+    def timed_call(self, inputs: dict, config: Config | None) -> Callable[[], Any]:
+        """The launch without the host read-back of cu_seqlens (checked by ``run``)."""
+        args = self._args(inputs)
+        return lambda: attention.prefill(*args, causal=inputs["causal"], config=config, out=inputs["out"],
+                                         check_values=False)
 
     def reference(self, inputs: dict) -> torch.Tensor:
         """Per sequence, float64 softmax attention with the keys repeated per query head."""

@@ -1,0 +1,289 @@
+"""The attention families through their direct calls: varlen prefill and paged attention.
+
+Every case draws random inputs, poisons the output with NaN, and compares against the float64
+reference (per sequence softmax attention; the paged one gathers the cache through the block
+table) under the family's per-dtype tolerance; NaN or an unwritten element fails. Bad input must
+raise ValueError/TypeError naming the problem.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import attention
+from kernels.attention_prefill import sdpa_reference
+from kernels.family import rel_error
+
+PREFILL = kernels.get_family("attention_prefill")
+PAGED = kernels.get_family("attention_paged")
+
+
+def _prefill_inputs(lens, hq, hkv, d, causal, dtype, device, seed=0):
+    shape = {"batch": len(lens), "seqlen": max(lens), "heads_q": hq, "heads_kv": hkv, "head_dim": d, "causal": causal}
+    return shape, PREFILL.make_inputs(shape, dtype, device, seed=seed, seqlens=lens)
+
+
+def _paged_inputs(q_lens, ctx, hq, hkv, d, bs, dtype, device, seed=0):
+    shape = {"batch": len(ctx), "query_len": max(q_lens), "context_len": max(ctx), "heads_q": hq, "heads_kv": hkv,
+             "head_dim": d, "block_size": bs}
+    return shape, PAGED.make_inputs(shape, dtype, device, seed=seed, query_lens=q_lens, context_lens=ctx)
+
+
+def _check(fam, inputs, config, dtype, device):
+    ref = fam.reference(inputs)
+    inputs["out"].fill_(float("nan"))
+    out = fam.run(inputs, config)
+    assert out.data_ptr() == inputs["out"].data_ptr()
+    err = rel_error(out, ref)
+    tol = fam.tolerance(dtype, device)
+    assert err <= tol, f"{fam.name} {config}: rel error {err:.3g} > {tol:.1g}"
+
+
+# --- prefill ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "group,causal,head_dim",
+    [(1, True, 64), (2, False, 64), (4, True, 80), (8, False, 96), (8, True, 64)],
+)
+def test_prefill_varlen(group: int, causal: bool, head_dim: int, dtype: str, device: torch.device) -> None:
+    # Lengths 1, odd, empty and unequal in one batch; the longest sets max_seqlen.
+    shape, inputs = _prefill_inputs([1, 37, 0, 16, 5], 8, 8 // group, head_dim, causal, dtype, device)
+    _check(PREFILL, inputs, None, dtype, device)
+
+
+@pytest.mark.parametrize("variant", ["ptr", "tma"])
+@pytest.mark.parametrize("block_m,block_n", [(16, 64), (64, 16), (32, 32)])
+def test_prefill_tiles_and_variants(variant: str, block_m: int, block_n: int, dtype: str, device: torch.device) -> None:
+    """BLOCK_M < BLOCK_N is the causal trap of triton PR #8853: the diagonal block starts at the
+    query block's start rounded down to a key block."""
+    shape, inputs = _prefill_inputs([70, 3, 33], 4, 2, 64, True, dtype, device, seed=1)
+    config = {"variant": variant, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
+    if variant not in PREFILL.space(shape, dtype)["variant"]:
+        pytest.skip("tensor descriptors need Hopper or the interpreter")
+    PREFILL.check_config(shape, dtype, config)
+    _check(PREFILL, inputs, config, dtype, device)
+
+
+def test_prefill_strided_views_scale_and_check_values(device: torch.device) -> None:
+    """q, k, v as head slices of one fused [T, Hq + 2 Hkv, D] projection; a non-default scale."""
+    T, hq, hkv, d = 41, 4, 2, 64
+    gen = torch.Generator(device=device).manual_seed(3)
+    qkv = torch.randn(T, hq + 2 * hkv, d, generator=gen, device=device)
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    cu = torch.tensor([0, 20, T], dtype=torch.int32, device=device)
+    ref = torch.cat([sdpa_reference(q[a:b], k[a:b], v[a:b], torch.arange(b - a, device=device), 0.3)
+                     for a, b in ((0, 20), (20, T))])
+    for variant in PREFILL.space({"batch": 2, "seqlen": 21, "heads_q": hq, "heads_kv": hkv, "head_dim": d,
+                                  "causal": True}, "float32")["variant"]:
+        config = {"variant": variant, "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+        out = attention.prefill(q, k, v, cu, 21, sm_scale=0.3, config=config, check_values=False)
+        assert rel_error(out, ref) <= 1e-5, variant
+
+
+# --- paged ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64])
+@pytest.mark.parametrize("variant,split", [("decode", 1), ("decode_split", 4)])
+def test_paged_decode(block_size: int, variant: str, split: int, dtype: str, device: torch.device) -> None:
+    # Contexts of 1 token, exactly whole blocks, and partial last blocks; one sequence with no new
+    # token. Split-KV with 4 slices leaves the short contexts' later slices empty.
+    ctx = [1, 2 * block_size, 3 * block_size + 5, 70]
+    shape, inputs = _paged_inputs([1, 1, 1, 0], ctx, 8, 2, 64, block_size, dtype, device, seed=block_size)
+    config = {**PAGED.default_config(shape, dtype), "variant": variant, "SPLIT": split, "TILE": 16}
+    PAGED.check_config(shape, dtype, config)
+    _check(PAGED, inputs, config, dtype, device)
+
+
+@pytest.mark.parametrize(
+    "block_size,group,head_dim,heads,block_q",
+    [(16, 4, 64, 4, 4), (8, 1, 80, 1, 16), (32, 8, 64, 2, 8), (64, 2, 96, 2, 8)],
+)
+def test_paged_mixed_batch(block_size: int, group: int, head_dim: int, heads: int, block_q: int, dtype: str,
+                           device: torch.device) -> None:
+    """Chunked prefill and decode tokens in one batch: query lengths 1 and above, a query that fills
+    its context (prefill with no cached prefix), heads of one KV head split over programs."""
+    q_lens = [1, 7, 1, 19, 3]
+    ctx = [45, 29, 1, 19, 70]
+    shape, inputs = _paged_inputs(q_lens, ctx, 2 * group, 2, head_dim, block_size, dtype, device, seed=group)
+    config = {"variant": "general", "TILE": 32, "SPLIT": 1, "HEADS": heads, "BLOCK_Q": block_q,
+              "num_warps": 4, "num_stages": 2}
+    PAGED.check_config(shape, dtype, config)
+    _check(PAGED, inputs, config, dtype, device)
+
+
+def test_paged_tile_boundaries(device: torch.device) -> None:
+    """Query blocks whose first position takes every residue modulo the tile: the split between
+    the unmasked keys (before the block) and the causally masked tiles is exact at each one."""
+    q_lens, ctx = [20, 21, 22, 23], [40, 42, 44, 46]
+    shape, inputs = _paged_inputs(q_lens, ctx, 4, 1, 32, 8, "float32", device, seed=7)
+    config = {"variant": "general", "TILE": 16, "SPLIT": 1, "HEADS": 4, "BLOCK_Q": 4, "num_warps": 4, "num_stages": 2}
+    PAGED.check_config(shape, "float32", config)
+    _check(PAGED, inputs, config, "float32", device)
+
+
+def test_paged_default_configs_and_decode_through_general(device: torch.device) -> None:
+    """The defaults of a decode and a general batch, and decode run by the general variant."""
+    shape, inputs = _paged_inputs([1, 1, 1], [100, 3, 64], 4, 4, 64, 16, "float32", device)
+    _check(PAGED, inputs, None, "float32", device)
+    general = {"variant": "general", "TILE": 64, "SPLIT": 1, "HEADS": 1, "BLOCK_Q": 1, "num_warps": 4, "num_stages": 2}
+    _check(PAGED, inputs, general, "float32", device)
+    shape, inputs = PAGED.tiny_shapes()[1], None
+    inputs = PAGED.make_inputs(shape, "float32", device, seed=5, ragged=True)
+    _check(PAGED, inputs, None, "float32", device)
+    assert PAGED.timed_call(inputs, None)() is inputs["out"]
+
+
+def test_block_offsets_are_int64() -> None:
+    """Block index x block stride can pass 2^31 in a large cache (vLLM PR #47671): the emitted
+    kernel widens the block index before multiplying."""
+    shape = PAGED.tiny_shapes()[0]
+    src = PAGED.emit(shape, "float16", PAGED.default_config(shape, "float16"))
+    assert "BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)" in src
+    assert "blk * stride_kb" in src and "blk * stride_vb" in src
+
+
+# --- protocol pieces ------------------------------------------------------------------------------
+def test_shapes_buckets_and_cost() -> None:
+    shape, inputs = _paged_inputs([1, 1], [37, 20], 8, 2, 64, 16, "float16", "cpu")
+    args = [inputs[k] for k in ("q", "k_cache", "v_cache", "block_tables", "cu_seqlens_q", "context_lens", "max_seqlen_q")]
+    assert PAGED.shape_from_call(*args) == shape
+    assert PAGED.shape_from_call(*args, max_context_len=50)["context_len"] == 50
+    assert PAGED.bucket(shape) == {**shape, "batch": 2, "context_len": 64}
+    assert PAGED.bucket({**shape, "query_len": 5})["query_len"] == 8
+    pshape, pinputs = _prefill_inputs([9, 30], 4, 1, 80, True, "float16", "cpu")
+    assert PREFILL.shape_of(pinputs) == pshape
+    assert PREFILL.bucket(pshape) == {**pshape, "seqlen": 32}
+    # flops count 4 D per visible (query head, query, key) pair: check against the masks' count.
+    lq, lc = 5, 12
+    visible = int((torch.arange(lc)[None, :] <= torch.arange(lc - lq, lc)[:, None]).sum())
+    s = {**shape, "batch": 3, "query_len": lq, "context_len": lc}
+    assert PAGED.flops(s) == 4 * 64 * 8 * 3 * visible
+    s = {**pshape, "batch": 2, "seqlen": 7}
+    assert PREFILL.flops(s) == 4 * 80 * 4 * 2 * 28
+    assert PREFILL.flops({**s, "causal": False}) == 4 * 80 * 4 * 2 * 49
+    # Decode reads K and V once: the bytes are dominated by 2 * B * L * Hkv * D * elt.
+    d = {"batch": 4, "query_len": 1, "context_len": 1024, "heads_q": 32, "heads_kv": 8, "head_dim": 128,
+         "block_size": 16}
+    kv = 2 * 4 * 1024 * 8 * 128 * 2
+    assert kv < PAGED.bytes(d, "bfloat16") < 1.02 * kv
+
+
+def test_direct_calls_through_family_call(device: torch.device) -> None:
+    _, inputs = _prefill_inputs([5, 12], 2, 1, 32, False, "float32", device)
+    out = PREFILL.call(inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens"], 12, causal=False)
+    assert rel_error(out, PREFILL.reference(inputs)) <= 1e-5
+    _, inputs = _paged_inputs([2, 1], [9, 30], 2, 1, 32, 8, "float32", device)
+    args = [inputs[k] for k in ("q", "k_cache", "v_cache", "block_tables", "cu_seqlens_q", "context_lens", "max_seqlen_q")]
+    assert rel_error(PAGED.call(*args), PAGED.reference(inputs)) <= 1e-5
+
+
+# --- bad input ------------------------------------------------------------------------------------
+def _good_prefill():
+    _, i = _prefill_inputs([3, 5], 4, 2, 32, True, "float32", "cpu")
+    return i
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda i: i.update(k=i["k"][:, :1].repeat(1, 3, 1), v=i["v"][:, :1].repeat(1, 3, 1)), ValueError,
+         "not a multiple"),
+        (lambda i: i.update(k=i["k"][..., :16], v=i["v"][..., :16]), ValueError, "head dims differ"),
+        (lambda i: i.update(cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)), ValueError, "non-decreasing"),
+        (lambda i: i.update(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)), ValueError, "end at the token count"),
+        (lambda i: i.update(cu_seqlens=torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError, "start at 0"),
+        (lambda i: i.update(cu_seqlens=i["cu_seqlens"].long()), TypeError, "cu_seqlens must be int32"),
+        (lambda i: i.update(max_seqlen=4), ValueError, "max_seqlen=4 is shorter"),
+        (lambda i: i.update(max_seqlen=4.0), TypeError, "max_seqlen must be an int"),
+        (lambda i: i.update(q=i["q"].half()), TypeError, "share one dtype"),
+        (lambda i: i.update(q=i["q"].int(), k=i["k"].int(), v=i["v"].int()), TypeError, "unsupported dtype"),
+        (lambda i: i.update(cu_seqlens=i["cu_seqlens"].to("meta")), ValueError, "cu_seqlens is on meta"),
+        (lambda i: i.update(k=i["k"].to("meta"), v=i["v"].to("meta")), ValueError, "k is on meta"),
+        (lambda i: i.update(q=i["q"][0]), ValueError, "q must be 3-D"),
+        (lambda i: i.update(k=i["k"][:7], v=i["v"][:7]), ValueError, "q has 8 tokens but k and v have 7"),
+        (lambda i: i.update(out=i["out"][:, :2]), ValueError, "out must be"),
+        (lambda i: i.update(q=i["q"].repeat(1, 1, 9), k=i["k"].repeat(1, 1, 9), v=i["v"].repeat(1, 1, 9)),
+         ValueError, "head dim 288"),
+    ],
+)
+def test_prefill_bad_input(change, error, match) -> None:
+    i = _good_prefill()
+    change(i)
+    with pytest.raises(error, match=match):
+        attention.prefill(i["q"], i["k"], i["v"], i["cu_seqlens"], i["max_seqlen"], out=i["out"])
+
+
+def test_prefill_bad_options() -> None:
+    i = _good_prefill()
+    args = (i["q"], i["k"], i["v"], i["cu_seqlens"], 5)
+    with pytest.raises(ValueError, match="sm_scale"):
+        attention.prefill(*args, sm_scale=-1.0)
+    with pytest.raises(TypeError, match="sm_scale"):
+        attention.prefill(*args, sm_scale="0.1")
+    with pytest.raises(TypeError, match="causal"):
+        attention.prefill(*args, causal=1)
+    with pytest.raises(TypeError, match="config must be a dict"):
+        attention.prefill(*args, config=[1])
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        attention.prefill(*args, config={"variant": "ptr", "BLOCK_M": 48, "BLOCK_N": 16, "num_warps": 4,
+                                         "num_stages": 2})
+
+
+def _good_paged():
+    _, i = _paged_inputs([1, 3], [20, 9], 4, 2, 32, 8, "float32", "cpu")
+    return i
+
+
+def _table(rows):
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda i: i.update(block_tables=i["block_tables"][:, :2]), ValueError, "block_tables has 2 blocks per sequence"),
+        (lambda i: i.update(context_lens=torch.tensor([20, 2], dtype=torch.int32)), ValueError,
+         "query is longer than its context"),
+        (lambda i: i.update(cu_seqlens_q=torch.tensor([0, 3, 1], dtype=torch.int32)), ValueError, "non-decreasing"),
+        (lambda i: i.update(cu_seqlens_q=torch.tensor([0, 1, 3], dtype=torch.int32)), ValueError,
+         "end at the token count"),
+        (lambda i: i["block_tables"].__setitem__((1, 1), 10_000), ValueError, "block index outside"),
+        (lambda i: i.update(q=i["q"][:, :3]), ValueError, "not a multiple"),
+        (lambda i: i.update(q=i["q"][..., :16]), ValueError, "head dims differ"),
+        (lambda i: i.update(k_cache=i["k_cache"].half(), v_cache=i["v_cache"].half()), TypeError, "share one dtype"),
+        (lambda i: i.update(block_tables=i["block_tables"].long()), TypeError, "block_tables must be int32"),
+        (lambda i: i.update(context_lens=i["context_lens"].to("meta")), ValueError, "context_lens is on meta"),
+        (lambda i: i.update(context_lens=i["context_lens"][:1]), ValueError, "context_lens has 1 entries"),
+        (lambda i: i.update(k_cache=i["k_cache"][:, :6], v_cache=i["v_cache"][:, :6]), ValueError, "power of two"),
+        (lambda i: i.update(v_cache=i["v_cache"][:, :4]), ValueError, "must have one shape"),
+        (lambda i: i.update(max_seqlen_q=2), ValueError, "max_seqlen_q=2 is shorter"),
+        (lambda i: i.update(k_cache=i["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
+         "unit stride"),
+    ],
+)
+def test_paged_bad_input(change, error, match) -> None:
+    i = _good_paged()
+    change(i)
+    with pytest.raises(error, match=match):
+        attention.paged(i["q"], i["k_cache"], i["v_cache"], i["block_tables"], i["cu_seqlens_q"], i["context_lens"],
+                        i["max_seqlen_q"], out=i["out"])
+
+
+def test_paged_decode_variant_needs_single_token_queries() -> None:
+    i = _good_paged()
+    with pytest.raises(ValueError, match="variant"):
+        attention.paged(i["q"], i["k_cache"], i["v_cache"], i["block_tables"], i["cu_seqlens_q"], i["context_lens"],
+                        3, config={"variant": "decode", "TILE": 16, "SPLIT": 1, "HEADS": 2, "BLOCK_Q": 1,
+                                   "num_warps": 4, "num_stages": 2})
+
+
+def test_bad_shapes_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="heads_q=6 is not a multiple"):
+        PREFILL.space({"batch": 1, "seqlen": 8, "heads_q": 6, "heads_kv": 4, "head_dim": 64, "causal": True}, "float16")
+    with pytest.raises(ValueError, match="query_len 9 exceeds context_len 8"):
+        PAGED.space({"batch": 1, "query_len": 9, "context_len": 8, "heads_q": 4, "heads_kv": 4, "head_dim": 64,
+                     "block_size": 16}, "float16")
+    with pytest.raises(ValueError, match="missing"):
+        PAGED.flops({"batch": 1})
+    assert math.isfinite(PREFILL.bytes(PREFILL.tiny_shapes()[0], "float16"))
