@@ -95,6 +95,8 @@ class Session:
 
     def __init__(self) -> None:
         self.device = default_device()
+        if self.device.type == "cuda":
+            torch.zeros(1, device=self.device)  # create the context now: start-up, not a trial, pays for it
         self._key: tuple | None = None
         self._inputs: dict = {}
         self._ref: Any = None

@@ -156,7 +156,7 @@ class _WorkerEvaluator:
 
     def precompile(self, config: Config):
         self._start()
-        return self.pool.precompile({**self.msg, "config": config}, timeout=max(60.0, 2 * self.timeout_s))
+        return self.pool.precompile({**self.msg, "config": config}, timeout=self.timeout_s)
 
     def evaluate(self, config: Config) -> dict[str, Any]:
         self._start()
@@ -255,8 +255,9 @@ def tune(
     by ``seed``). ``cache_path``/``storage`` None: the defaults under ``results/``. ``warm_start``:
     enqueue the default config and the nearest cached winners first. ``confirm_top``: candidates
     re-timed at the end (0: take the search's best). ``timeout_s``: limit of one candidate's
-    evaluation. ``compile_workers``: helper processes compiling ahead (default: half the CPU cores,
-    at most 8, on a GPU; none on the CPU interpreter).
+    evaluation (compile, check and timing), and of its compilation in a helper.
+    ``compile_workers``: helper processes compiling ahead (default: half the CPU cores, at most 8,
+    on a GPU; none on the CPU interpreter). ``progress``: a tqdm bar of the budget.
     """
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no log line per trial; results are in the study
