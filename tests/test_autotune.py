@@ -36,7 +36,8 @@ def gemm_tune(tmp_path_factory):
     """A 3-trial TPE tune of a tiny GEMM: (result, cache file, storage file)."""
     folder = tmp_path_factory.mktemp("gemm_tune")
     paths = folder / "cache.json", folder / "optuna.db"
-    res = autotune.tune("gemm", SHAPE, "float16", n_trials=3, sampler="tpe", seed=0, cache_path=paths[0], storage=paths[1])
+    res = autotune.tune("gemm", SHAPE, "float16", n_trials=3, sampler="tpe", seed=0, cache_path=paths[0],
+                        storage=paths[1], compile_workers=0)
     return res, *paths
 
 
@@ -80,10 +81,10 @@ def test_resume_runs_only_the_missing_trials(gemm_tune):
     _, cache_path, storage = gemm_tune
     timer = shared_pool(0).timer
     pid = timer.pid
-    more = autotune.tune("gemm", SHAPE, "float16", n_trials=5, cache_path=cache_path, storage=storage)
+    more = autotune.tune("gemm", SHAPE, "float16", n_trials=5, cache_path=cache_path, storage=storage, compile_workers=0)
     assert (more.n_trials, more.new_trials) == (5, 2)
     assert timer.alive and timer.pid == pid  # healthy trials reuse the live worker
-    again = autotune.tune("gemm", SHAPE, "float16", n_trials=5, cache_path=cache_path, storage=storage)
+    again = autotune.tune("gemm", SHAPE, "float16", n_trials=5, cache_path=cache_path, storage=storage, compile_workers=0)
     assert (again.n_trials, again.new_trials) == (5, 0)
     assert again.config == more.config and again.ms == more.ms  # the stored confirmation, not a re-timing
     assert again.trials["status"].isin(["ok", "failed"]).sum() == 5
@@ -91,7 +92,8 @@ def test_resume_runs_only_the_missing_trials(gemm_tune):
 
 def test_faulty_candidates_fail_with_their_reason_and_the_study_completes(tmp_path):
     res = autotune.tune(faulty_family.FAMILY, {"n": 64}, "float32", n_trials=None, sampler="random", seed=3,
-                        cache_path=tmp_path / "cache.json", storage=tmp_path / "optuna.db", timeout_s=3)
+                        cache_path=tmp_path / "cache.json", storage=tmp_path / "optuna.db", timeout_s=3,
+                        compile_workers=0)
     assert res.config == {"mode": "fast"}
     rows = {r.config["mode"]: r for r in res.trials.itertuples() if r.status in ("ok", "failed")}
     assert sorted(rows) == sorted(m for m in faulty_family.MODES if m != "forbidden")  # each valid mode once

@@ -6,6 +6,7 @@ import math
 import pandas as pd
 
 from autotune import efficiency
+from kernels.device import device_facts
 
 
 def test_trials_to_level_counts_from_one():
@@ -35,7 +36,7 @@ def test_efficiency_command_writes_tables_and_plot(tmp_path):
         "--out", str(tmp_path),
     ])
     assert list(summary["sampler"]) == ["tpe", "random", "tpe+warm"]
-    name = "gemm_float16_cpu_interpreter"
+    name = f"gemm_float16_{device_facts().key}"
     runs = pd.read_csv(tmp_path / f"{name}_runs.csv")
     assert len(runs) == 2 * 3 * 2 and set(runs["budget"]) == {5} and set(runs["n_configs"]) == {10}
     assert ((runs["trials_to_97"] <= 5) | runs["trials_to_97"].isna()).all()
