@@ -127,10 +127,12 @@ class PrefillFamily(Family):
         return None
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
-        """The valid config nearest the Hopper leads: BLOCK_M 128, BLOCK_N 64, 8 warps for D 128
-        (4 for D <= 64), 3 stages (2 for D 256)."""
+        """The valid config nearest the Hopper leads: tensor descriptors on a Hopper GPU (pointers
+        elsewhere and under the interpreter), BLOCK_M 128, BLOCK_N 64, 8 warps for D 128 (4 for
+        D <= 64), 3 stages (2 for D 256)."""
         d = head_dim_pad(_dims(shape)[4])
-        want = {"variant": "ptr", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if d <= 64 else 8,
+        tma = not interpreting() and device_facts().is_hopper
+        want = {"variant": "tma" if tma else "ptr", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if d <= 64 else 8,
                 "num_stages": 3 if d <= 128 else 2}
         return nearest_config(self.configs(shape, dtype), want)
 

@@ -287,3 +287,19 @@ def test_bad_shapes_name_the_problem() -> None:
     with pytest.raises(ValueError, match="missing"):
         PAGED.flops({"batch": 1})
     assert math.isfinite(PREFILL.bytes(PREFILL.tiny_shapes()[0], "float16"))
+
+
+def test_attention_suite_quick_writes_its_table(tmp_path) -> None:
+    import pandas as pd
+
+    from experiments import attention_suite
+
+    out = tmp_path / "attention.csv"
+    assert attention_suite.main(["--quick", "--cap", "1", "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert {"device", "torch", "triton", "date", "copy_GBps", "ms", "TFLOPs", "TBps", "roofline_frac", "config",
+            "speedup_vs_sdpa_flash"} <= set(df)
+    for suite in ("prefill", "decode"):
+        ours = df[(df.suite == suite) & df.kind.isin(["default", "best"])]
+        assert set(ours.kind) == {"default", "best"} and (ours.ms > 0).all() and (ours.failed.fillna(0) == 0).all()
+        assert (ours.rel_error < 1e-2).all() and (ours.state == "ok").all()
