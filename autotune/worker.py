@@ -9,7 +9,7 @@ re-imports the caller's main script), reached through a socket pair with the cal
 
 - a reply within the limit is the trial's result;
 - no reply within the limit: the child is killed, the trial fails as timed out;
-- the pipe closes first: the child died; the trial fails with its exit code or signal;
+- the connection closes first: the child died; the trial fails with its exit code or signal;
 - either way the next request starts a fresh child. A live child is reused across trials and
   tuning calls, so Triton's in-process caches and the last shape's inputs stay warm.
 
@@ -39,7 +39,7 @@ class WorkerError(RuntimeError):
     """A worker process could not be started (the environment, not a candidate, is broken)."""
 
 
-def _serve(conn) -> None:
+def _serve(conn: Connection) -> None:
     """Entry point of a worker process: answer requests until told to exit or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the tuning process's to handle
     import kernels  # noqa: F401  (selects the interpreter before anything imports triton)
