@@ -128,7 +128,7 @@ class Session:
         err = self._check(fam, inputs, ref, config, msg["dtype"])
         if err is not None:
             return err
-        ms, p20, p80 = self._time(lambda: fam.timed_call(inputs, config), timing)
+        ms, p20, p80 = self._time(fam.timed_call(inputs, config), timing)
         return {"status": "ok", "ms": ms, "ms_p20": p20, "ms_p80": p80, "rel_error": self._last_error}
 
     def compile(self, msg: dict) -> dict:
@@ -154,7 +154,7 @@ class Session:
         for config in msg["configs"]:
             failure = self._check(fam, inputs, ref, config, msg["dtype"])
             results.append(failure or {"status": "ok"})
-            fns.append(None if failure else (lambda c=config: fam.timed_call(inputs, c)))
+            fns.append(None if failure else fam.timed_call(inputs, config))
         if msg.get("baseline") and fam.baseline(inputs) is not None:
             _sync(self.device)
             fns.append(lambda: fam.baseline(inputs))
