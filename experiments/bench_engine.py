@@ -3,13 +3,14 @@
     python -m experiments.bench_engine                      # CPU: tiny checkpoint; GPU: Llama-3.2-1B shape
     python -m experiments.bench_engine model=llama-3.1-8b 'backends=[triton,hf]'
 
-The checkpoint is a random-init one of the model's preset, written once by the engine's checkpoint
-maker under results/runs/checkpoints/ (nothing is downloaded). Prompts are random token ids, generation is greedy with EOS ignored, so
+The checkpoint is a random-init one with the model config's dimensions, written once by the
+engine's checkpoint maker under ``checkpoint_root`` (nothing is downloaded). Prompts are random token ids, generation is greedy with EOS ignored, so
 every request produces exactly its output length. Backends: ``triton`` and ``torch`` (the engine's
 ``kernels`` setting) and ``hf`` (``AutoModelForCausalLM.generate``). Workloads (``conf/workload``):
 - ``batch_sweep``: for each batch size, b prompts of prompt_len tokens generate output_len tokens;
-  one run with a single output token gives the prefill time (TTFT of the batch), the full run's
-  remaining time over output_len - 1 gives ms per decode step; tokens/s = b x output_len / wall;
+  runs with a single output token give the prefill time (TTFT of the batch), the full runs'
+  remaining time over output_len - 1 gives ms per decode step; tokens/s = b x output_len / wall
+  (medians of ``repeats`` runs);
 - ``offline`` (engine backends): num_requests requests with lengths uniform in the ranges,
   submitted at once; output tokens/s over the wall time.
 The online workload (Poisson arrivals, TTFT/TPOT percentiles vs rate) needs a request-level API
@@ -18,6 +19,10 @@ of the engine and is filled in with the engine's benchmarks (issue 7); its figur
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import statistics
 import sys
 import time
 import traceback
@@ -34,24 +39,31 @@ from experiments.context import Run, fail, pick, start
 from kernels.family import torch_dtype
 
 BACKENDS = ("triton", "torch", "hf")
-CHECKPOINTS = Path("results/runs/checkpoints")  # git-ignored with the runs
 
 Generate = Callable[[list[list[int]], list[int]], None]  # prompts (token ids), output lengths per prompt
 
 
+DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
 def ensure_checkpoint(cfg: DictConfig, model: DictConfig, dtype: str) -> Path:
-    """The checkpoint folder: ``checkpoint_dir`` if given, else the preset's in ``dtype``, written once."""
+    """The checkpoint folder: ``checkpoint_dir`` if given, else a random-init one with the model
+    config's dimensions (the preset's other settings: RoPE, norms, tokenizer) in ``dtype``, written
+    once into a folder named by those dimensions."""
     if cfg.checkpoint_dir is not None:
         path = Path(cfg.checkpoint_dir)
         if not (path / "config.json").is_file():
             fail(f"checkpoint_dir={path} holds no config.json")
         return path
-    path = CHECKPOINTS / f"{model.preset}-{dtype}"
+    dims = {k: model[k] for k in DIMS}
+    digest = hashlib.sha256(json.dumps(dims, sort_keys=True).encode()).hexdigest()[:8]
+    path = Path(cfg.checkpoint_root) / f"{model.name}-{dtype}-{digest}"
     if not (path / "config.json").is_file():
         from engine.checkpoint import make_checkpoint
 
-        print(f"bench_engine: writing a random-init {model.preset} checkpoint to {path}")
-        make_checkpoint(path, str(model.preset), dtype=dtype)
+        print(f"bench_engine: writing a random-init {model.name} checkpoint to {path}")
+        make_checkpoint(path, str(model.preset), dtype=dtype, overrides=dims)
     return path
 
 
@@ -85,29 +97,35 @@ def hf_generate(run: Run, ckpt: Path) -> Generate:
     return generate
 
 
-def _timed(fn: Callable[[], None], device: str) -> float:
-    """Wall seconds of ``fn()`` with the device's queue drained before and after."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+def _timed(fn: Callable[[], None], device: str, repeats: int = 1) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn()``, the device's queue drained around each."""
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def batch_sweep(run: Run, impl: str, gen: Generate, wl: DictConfig, vocab: int, rng: torch.Generator) -> list[dict]:
-    """Rows of tokens/s, TTFT of the batch and ms per decode step at each batch size."""
+    """Rows of tokens/s, TTFT of the batch and ms per decode step at each batch size (medians of
+    ``repeats`` runs; a step time lost in the noise of a CPU run is NaN)."""
     rows = []
-    p, n = int(wl.batch_sweep.prompt_len), int(wl.batch_sweep.output_len)
-    for b in wl.batch_sweep.batch_sizes:
+    sweep = wl.batch_sweep
+    p, n, reps = int(sweep.prompt_len), int(sweep.output_len), int(sweep.repeats)
+    for b in sweep.batch_sizes:
         prompts = torch.randint(1, vocab, (b, p), generator=rng).tolist()
-        prefill_s = _timed(lambda: gen(prompts, [1] * b), run.device)
-        wall_s = _timed(lambda: gen(prompts, [n] * b), run.device)
+        prefill_s = _timed(lambda: gen(prompts, [1] * b), run.device, reps)
+        wall_s = _timed(lambda: gen(prompts, [n] * b), run.device, reps)
+        decode_s = wall_s - prefill_s
         rows.append({**run.env, "impl": impl, "workload": "batch_sweep", "batch": b, "requests": b,
                      "prompt_len": p, "output_len": n, "output_tokens": b * n, "wall_s": wall_s,
                      "tokens_per_s": b * n / wall_s, "ttft_ms": prefill_s * 1e3,
-                     "step_ms": max(wall_s - prefill_s, 0.0) / max(n - 1, 1) * 1e3})
+                     "step_ms": decode_s / (n - 1) * 1e3 if decode_s > 0 and n > 1 else math.nan})
     return rows
 
 

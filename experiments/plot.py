@@ -24,9 +24,10 @@ from experiments.table import collate
 RUNS_ROOT = Path("results/runs")
 
 
-def newest_run(root: Path, exclude: Path) -> Path:
-    """The folder (run or multirun) holding the most recently written results.csv under ``root``."""
-    tables = [t for t in root.rglob("results.csv") if exclude not in t.parents and "plot" not in t.parts]
+def newest_run(root: Path) -> Path:
+    """The folder (run, or the multirun holding it) of the newest results.csv under ``root``,
+    the plot app's own runs aside."""
+    tables = [t for t in root.rglob("results.csv") if t.relative_to(root).parts[0] != "plot"]
     if not tables:
         fail(f"no results.csv under {root}/; run an app first or pass runs=[...]")
     newest = max(tables, key=lambda t: t.stat().st_mtime).parent
@@ -36,7 +37,7 @@ def newest_run(root: Path, exclude: Path) -> Path:
 @hydra.main(config_path="../conf", config_name="plot", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
-    paths = [Path(p) for p in cfg.runs] or [newest_run(RUNS_ROOT, out)]
+    paths = [Path(p) for p in cfg.runs] or [newest_run(RUNS_ROOT)]
     try:
         df = collate(paths)
     except FileNotFoundError as e:
