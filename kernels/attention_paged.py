@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from kernels import attention
-from kernels.attention_prefill import head_dim_pad, nearest_config, sdpa_reference
+from kernels.attention_prefill import MAX_FP32_REGS, head_dim_pad, nearest_config, sdpa_reference
 from kernels.device import device_facts
 from kernels.family import Config, Family, Shape, next_pow2, torch_dtype
 
@@ -99,6 +99,8 @@ class PagedFamily(Family):
         regs = (rows * d + rows * tile) // (32 * warps)
         if regs > _MAX_ACC_REGS:
             return f"float32 accumulator {rows}x{d} and scores {rows}x{tile} need {regs} registers per thread"
+        if dtype == "float32" and (2 * rows * d + rows * tile + tile * d) // (32 * warps) > MAX_FP32_REGS:
+            return f"float32 dots keep the q {rows}x{d} and k {tile}x{d} tiles in registers too: too many"
         if rows * max(tile, d) // (32 * warps) < 4:
             return f"{warps} warps for a {rows}x{tile} tile leave threads idle"
         elt = _elt(dtype)

@@ -26,6 +26,9 @@ _KEYS = ("batch", "seqlen", "heads_q", "heads_kv", "head_dim", "causal")
 # A thread holds the float32 accumulator [BLOCK_M, D] and score tile [BLOCK_M, BLOCK_N]; beyond
 # this many of their registers per thread the kernel spills.
 _MAX_ACC_REGS = 192
+# float32 operands (exact products) go through FMA units whose operand tiles live in registers too:
+# beyond this many registers per thread for accumulator, scores, q and k, ptxas spills heavily.
+MAX_FP32_REGS = 96
 
 
 def _elt(dtype: str) -> int:
@@ -115,6 +118,8 @@ class PrefillFamily(Family):
         regs = (bm * d + bm * bn) // (32 * warps)
         if regs > _MAX_ACC_REGS:
             return f"float32 accumulator {bm}x{d} and scores {bm}x{bn} need {regs} registers per thread with {warps} warps"
+        if dtype == "float32" and (2 * bm * d + bm * bn + bn * d) // (32 * warps) > MAX_FP32_REGS:
+            return f"float32 dots keep the q {bm}x{d} and k {bn}x{d} tiles in registers too: too many with {warps} warps"
         if warps == 8 and bm < 64:
             return "8 warps (two warp groups of 64 rows) need BLOCK_M >= 64"
         if bm * bn // (32 * warps) < 2:
