@@ -28,6 +28,7 @@ import kernels
 from kernels.family import Config, Shape, dtype_name, next_pow2
 
 MAX_HEAD_DIM = 256
+MAX_BLOCK_SIZE = 256  # tokens per cache block
 
 
 # --- argument checks ------------------------------------------------------------------------------
@@ -236,8 +237,9 @@ def _paged_structure(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_le
     _, block_size, hkv, d_kv = k_cache.shape
     hq, d = q.shape[1], q.shape[2]
     _heads(fn, hq, hkv, d, d_kv, "k_cache")
-    if block_size < 1 or block_size & (block_size - 1) or block_size > MAX_HEAD_DIM:
-        raise ValueError(f"paged: block size {block_size} (k_cache.shape[1]) must be a power of two up to 256")
+    if block_size < 1 or block_size & (block_size - 1) or block_size > MAX_BLOCK_SIZE:
+        raise ValueError(f"paged: block size {block_size} (k_cache.shape[1]) must be a power of two up to "
+                         f"{MAX_BLOCK_SIZE}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"paged: {name} must have unit stride along the head dim (a cache is never copied)")
@@ -263,7 +265,6 @@ def _paged_values(q, k_cache, block_tables, cu_seqlens_q, context_lens, max_seql
     blocks_used = (ctx + block_size - 1) // block_size
     used = torch.arange(max_blocks, device=ctx.device)[None, :] < blocks_used[:, None]
     bad_ids = used & ((block_tables < 0) | (block_tables >= num_blocks))
-    zero = torch.zeros((), dtype=torch.long, device=ctx.device)
     (longest,) = _raise_on_values("paged", [
         (cu_seqlens_q[0] != 0, "cu_seqlens_q must start at 0"),
         ((q_lens < 0).any(), "cu_seqlens_q must be non-decreasing"),
@@ -274,7 +275,7 @@ def _paged_values(q, k_cache, block_tables, cu_seqlens_q, context_lens, max_seql
          f"block_tables has {max_blocks} blocks per sequence, too short for a context in context_lens "
          f"(block size {block_size})"),
         (bad_ids.any(), f"block_tables holds a block index outside 0..{num_blocks - 1} within a context"),
-    ], [ctx.max() if ctx.numel() else zero])
+    ], [ctx.max()])
     return int(longest)
 
 
@@ -292,7 +293,7 @@ def paged_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     elif _capturing(q):
         longest = block_tables.shape[1] * shape["block_size"]
     else:
-        longest = int(context_lens.max()) if context_lens.numel() else 1
+        longest = int(context_lens.max())
     return {**shape, "context_len": max(longest, shape["query_len"])}
 
 
