@@ -79,7 +79,7 @@ def test_prefill_strided_views_scale_and_check_values(device: torch.device) -> N
                                   "causal": True}, "float32")["variant"]:
         config = {"variant": variant, "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
         out = attention.prefill(q, k, v, cu, 21, sm_scale=0.3, config=config, check_values=False)
-        assert rel_error(out, ref) <= 1e-5, variant
+        assert rel_error(out, ref) <= PREFILL.tolerance("float32", device), variant
 
 
 # --- paged ----------------------------------------------------------------------------------------
@@ -172,10 +172,10 @@ def test_shapes_buckets_and_cost() -> None:
 def test_direct_calls_through_family_call(device: torch.device) -> None:
     _, inputs = _prefill_inputs([5, 12], 2, 1, 32, False, "float32", device)
     out = PREFILL.call(inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens"], 12, causal=False)
-    assert rel_error(out, PREFILL.reference(inputs)) <= 1e-5
+    assert rel_error(out, PREFILL.reference(inputs)) <= PREFILL.tolerance("float32", device)
     _, inputs = _paged_inputs([2, 1], [9, 30], 2, 1, 32, 8, "float32", device)
     args = [inputs[k] for k in ("q", "k_cache", "v_cache", "block_tables", "cu_seqlens_q", "context_lens", "max_seqlen_q")]
-    assert rel_error(PAGED.call(*args), PAGED.reference(inputs)) <= 1e-5
+    assert rel_error(PAGED.call(*args), PAGED.reference(inputs)) <= PAGED.tolerance("float32", device)
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -295,11 +295,11 @@ def test_attention_suite_quick_writes_its_table(tmp_path) -> None:
     from experiments import attention_suite
 
     out = tmp_path / "attention.csv"
-    assert attention_suite.main(["--quick", "--cap", "1", "--out", str(out)]) == 0
+    assert attention_suite.main(["--quick", "--cap", "1", "--workers", "1", "--out", str(out)]) == 0
     df = pd.read_csv(out)
     assert {"device", "torch", "triton", "date", "copy_GBps", "ms", "TFLOPs", "TBps", "roofline_frac", "config",
             "speedup_vs_sdpa_flash"} <= set(df)
     for suite in ("prefill", "decode"):
         ours = df[(df.suite == suite) & df.kind.isin(["default", "best"])]
         assert set(ours.kind) == {"default", "best"} and (ours.ms > 0).all() and (ours.failed.fillna(0) == 0).all()
-        assert (ours.rel_error < 1e-2).all() and (ours.state == "ok").all()
+        assert (ours.state == "ok").all() and ours.rel_error.notna().all()  # state ok: within tolerance
