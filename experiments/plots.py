@@ -109,6 +109,7 @@ def throughput(df: pd.DataFrame, out: Path) -> Path | None:
         metric = str(g["metric"].iloc[0]) if "metric" in g else "tflops"
         table = g.pivot_table(index="label", columns="series", values=metric, aggfunc="max", sort=False)
         table.plot.bar(ax=ax, width=0.8, rot=30, logy=True)  # decode and prefill shapes differ by decades
+        ax.legend(title="implementation", fontsize=8)
         ax.set_xlabel("shape")
         ax.set_ylabel(METRIC_LABEL.get(metric, metric))
         ax.set_title(f"{fam} ({dtype})")

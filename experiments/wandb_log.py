@@ -65,7 +65,7 @@ class WandbLogger(Logger):
                 settings=wandb.Settings(quiet=True, console="off"),
             )
         except (wandb.errors.Error, OSError) as e:
-            hint = " (log in first with `wandb login`, or use logger.mode=offline)" if self.mode == "online" else ""
+            hint = "; logger.mode=offline keeps the run local for a later `wandb sync`" if self.mode == "online" else ""
             raise LoggerSetupError(f"W&B {self.mode} run could not start: {e}{hint}") from None
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:

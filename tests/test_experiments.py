@@ -186,7 +186,7 @@ def test_autotune_app_writes_table_figures_cache_and_wandb(tuned: Path) -> None:
     assert list(trials["trial"]) == [1, 2] and set(trials["sampler"]) == {"random"}
     winner = df[df["impl"] == "tuned"].iloc[0]
     assert json.loads(winner["shape"]) == kernels.get_family("gemm").tiny_shapes()[0]
-    assert winner["ms"] > 0 and winner["ms"] <= trials["ms"].min() * 3
+    assert winner["ms"] > 0 and winner["config"] in set(trials.loc[trials["state"] == "ok", "config"])
     entry = autotune.lookup("gemm", json.loads(winner["shape"]), winner["dtype"], cache_path=tuned / "cache.json",
                             nearest=False)
     assert entry["config"] == json.loads(winner["config"]) and entry["sampler"] == "random"
@@ -283,3 +283,13 @@ def test_gpu_only_options_on_the_cpu_fail_clearly(tmp_path: Path, app: str, over
     done = run_app(app, tmp_path, override, "shapes=tiny", "shapes.limit=1")
     assert done.returncode == 2, done.stderr
     assert needle in done.stderr and "Traceback" not in done.stderr
+
+
+def test_wandb_online_without_a_login_fails_clearly(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "experiments.bench_kernels", f"hydra.run.dir={tmp_path / 'run'}", "logger.mode=online",
+           "shapes=tiny", "shapes.limit=1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2, done.stderr
+    assert "W&B online run could not start" in done.stderr and "Traceback" not in done.stderr
