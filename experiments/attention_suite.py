@@ -20,7 +20,9 @@ on a NaN-poisoned output and must match the reference before ``do_bench`` times 
 flushed). Writes one CSV (a row per point and kind: default, best, each baseline) with ms, TFLOP/s,
 TB/s, fraction of the roofline max(flops / matmul peak, bytes / copy bandwidth) -- both measured in
 this run --, the speedup over each baseline, the config, device, versions and date; prints the
-table and the issue's targets, met or not.
+table and the issue's targets, met or not. On a GPU each point's best config is merged into the
+device's best-config cache (``results/cache/<device>.json``, what tuned dispatch reads) unless
+``--no-cache``.
 """
 from __future__ import annotations
 
@@ -40,9 +42,11 @@ import pandas as pd
 import torch
 
 import kernels
+from autotune import cache
 from experiments.measure import measure_ceilings, time_ms
 from kernels.device import default_device, device_facts
 from kernels.family import Family, rel_error
+from kernels.generator import template_hash
 
 HEADS = {"heads_q": 32, "heads_kv": 32}
 PREFILL = [
@@ -142,7 +146,8 @@ def run_point(fam: Family, kind: str, shape: dict, dtype: str, cfgs: list[dict],
     roof_ms = max(flops / (meta["peak_TFLOPs"] * 1e9), nbytes / (meta["copy_GBps"] * 1e6))
 
     def row(name: str, cfg: dict | None, ms: float, err: float, state: str, tried: int = 1, bad: int = 0) -> dict:
-        return {**meta, "suite": kind, "dtype": dtype, **shape, "kind": name, "config": json.dumps(cfg) if cfg else "",
+        return {**meta, "suite": kind, "dtype": dtype, **shape, "shape": json.dumps(shape), "kind": name,
+                "config": json.dumps(cfg) if cfg else "",
                 "ms": ms, "TFLOPs": flops / ms / 1e9, "TBps": nbytes / ms / 1e9, "roofline_frac": roof_ms / ms,
                 "rel_error": err, "state": state, "tried": tried, "failed": bad}
 
@@ -184,6 +189,23 @@ def run_point(fam: Family, kind: str, shape: dict, dtype: str, cfgs: list[dict],
     return rows
 
 
+def cache_entries(df: pd.DataFrame, dtype: str) -> list[dict]:
+    """Best-config cache entries (autotune/cache.py's format) of each point's best config."""
+    entries = []
+    for r in df[df["kind"] == "best"].to_dict("records"):
+        fam = kernels.get_family("attention_prefill" if r["suite"] == "prefill" else "attention_paged")
+        base = r.get("speedup_vs_sdpa_flash" if r["suite"] == "prefill" else "speedup_vs_sdpa", math.nan)
+        entries.append({
+            "family": fam.name, "dtype": dtype, "shape": json.loads(r["shape"]), "config": json.loads(r["config"]),
+            "ms": r["ms"], "ms_p20": None, "ms_p80": None, "baseline_ms": r["ms"] * base if base == base else None,
+            "confirmed": False, "trials": int(r["tried"]), "failed_trials": int(r["failed"]),
+            "sampler": "attention_suite (capped brute force)", "seed": None, "study": None,
+            "device": r["device"], "device_key": device_facts().key, "capability": list(device_facts().capability),
+            "triton": r["triton"], "torch": r["torch"], "template_hash": template_hash(fam), "date": r["date"],
+        })
+    return entries
+
+
 def report_targets(df: pd.DataFrame) -> list[str]:
     """Issue 4's targets against the best configs of this run, one line each."""
     lines = []
@@ -213,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=330.0, help="stop trying configs after this many seconds")
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--out", help="CSV path (default results/attention_suite_<device>.csv)")
+    parser.add_argument("--no-cache", action="store_true", help="do not merge the winners into the device's cache")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -261,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
           f"copy {ceilings.gbps:.0f} GB/s  matmul {ceilings.tflops:.0f} TFLOP/s")
     for line in report_targets(df):
         print(line)
+    if device.type == "cuda" and not args.quick and not args.no_cache:
+        path = cache.resolve_path(None)
+        cache.write(path, cache_entries(df, dtype))
+        print(f"merged {int((df['kind'] == 'best').sum())} winners into {path}")
     print(f"wrote {out} in {time.time() - start:.0f}s")
     return 0
 

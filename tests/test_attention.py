@@ -303,3 +303,6 @@ def test_attention_suite_quick_writes_its_table(tmp_path) -> None:
         ours = df[(df.suite == suite) & df.kind.isin(["default", "best"])]
         assert set(ours.kind) == {"default", "best"} and (ours.ms > 0).all() and (ours.failed.fillna(0) == 0).all()
         assert (ours.state == "ok").all() and ours.rel_error.notna().all()  # state ok: within tolerance
+    for entry in attention_suite.cache_entries(df, "float16"):  # what --cache merges on a GPU
+        fam = kernels.get_family(entry["family"])
+        assert fam.check_config(entry["shape"], "float16", entry["config"]) == entry["config"]
