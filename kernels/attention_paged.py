@@ -101,7 +101,8 @@ class PagedFamily(Family):
             return f"float32 accumulator {rows}x{d} and scores {rows}x{tile} need {regs} registers per thread"
         if dtype == "float32" and (2 * rows * d + rows * tile + tile * d) // (32 * warps) > MAX_FP32_REGS:
             return f"float32 dots keep the q {rows}x{d} and k {tile}x{d} tiles in registers too: too many"
-        if rows * max(tile, d) // (32 * warps) < 4:
+        # 4 warps (the fewest in the space) always pass: the smallest tile, 16x16 at head dim 16, needs them.
+        if warps > 4 and rows * max(tile, d) // (32 * warps) < 4:
             return f"{warps} warps for a {rows}x{tile} tile leave threads idle"
         elt = _elt(dtype)
         smem = rows * d * elt + stages * 2 * tile * d * elt
