@@ -10,23 +10,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence as Seq
+from typing import Any, Sequence as Seq
 
 import torch
 from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
 from engine.config import load_config
+from engine.cuda_graphs import batch_buckets
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_tokenizer, load_weights
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaModel
-from engine.ops import BACKENDS, get_ops
+from engine.ops import BACKENDS, CONFIG_MODES, get_ops
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.warmup import resolve_configs, tune_configs
 from kernels.family import DTYPES
-
 
 
 @dataclass
@@ -59,10 +60,17 @@ class LLM:
     """A paged, continuously batched Llama engine.
 
     ``device`` None picks CUDA when present, else the CPU; ``dtype`` None picks bfloat16 on CUDA and
-    float32 on the CPU. ``kernels`` "triton" runs attention on the paged attention family (the
-    Triton interpreter on a CPU), "torch" on plain PyTorch. ``num_kv_blocks`` None sizes the cache
-    from free memory (``gpu_memory_utilization`` of the device on CUDA). ``enforce_eager`` is
-    accepted for CUDA graphs, which a later version captures for decode.
+    float32 on the CPU. ``kernels`` "triton" runs every operator on a kernels/ family (the Triton
+    interpreter on a CPU) with the configs of the best-config cache (``kernel_configs="tuned"``,
+    the cache file ``config_cache``, None for the device's default file) or the families' default
+    configs (``kernel_configs="default"``); "torch" runs plain PyTorch. ``num_kv_blocks`` None sizes
+    the cache from free memory (``gpu_memory_utilization`` of the device on CUDA). ``max_model_len``
+    caps a sequence's length (prompt and output; None: the model's positions and the cache bound it).
+
+    Before serving, a warm-up (:meth:`warmup`) resolves the Triton configs of every step size the
+    engine runs -- tuning them first with ``tune_trials`` trials per shape when that is above 0 --
+    and, on CUDA with kernels="triton", captures the decode step as CUDA graphs at batch-size
+    buckets; ``enforce_eager=True`` keeps every step eager.
     """
 
     def __init__(
@@ -76,16 +84,26 @@ class LLM:
         num_kv_blocks: int | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
         enforce_eager: bool = False,
         gpu_memory_utilization: float = 0.9,
+        kernel_configs: str = "tuned",
+        config_cache: str | Path | None = None,
+        tune_trials: int = 0,
     ) -> None:
         if kernels not in BACKENDS:
             raise ValueError(f"LLM: kernels must be one of {list(BACKENDS)}, got {kernels!r}")
+        if kernel_configs not in CONFIG_MODES:
+            raise ValueError(f"LLM: kernel_configs must be one of {list(CONFIG_MODES)}, got {kernel_configs!r}")
         block_size = _positive_int("block_size", block_size)
         max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
         max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         if num_kv_blocks is not None:
             num_kv_blocks = _positive_int("num_kv_blocks", num_kv_blocks)
+        if max_model_len is not None:
+            max_model_len = _positive_int("max_model_len", max_model_len)
+        if isinstance(tune_trials, bool) or not isinstance(tune_trials, int) or tune_trials < 0:
+            raise ValueError(f"LLM: tune_trials must be an int >= 0, got {tune_trials!r}")
         if kernels == "triton" and block_size & (block_size - 1):
             raise ValueError(f"LLM: block_size must be a power of two for kernels='triton', got {block_size}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -101,20 +119,32 @@ class LLM:
             raise TypeError(f"LLM: dtype must be one of {list(DTYPES)}, got {dtype}")
         self.dtype = dtype
         self.kernels = kernels
+        self.kernel_configs = kernel_configs
+        self.config_cache = config_cache
         self.enforce_eager = enforce_eager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
 
         self.config = load_config(model_dir)
+        if max_model_len is not None and max_model_len > self.config.max_position_embeddings:
+            raise ValueError(f"LLM: max_model_len={max_model_len} exceeds the model's "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
         self.tokenizer = load_tokenizer(model_dir)
         weights = load_weights(model_dir, self.config, dtype, self.device)
-        model = LlamaModel(self.config, weights, get_ops(kernels), self.device)
+        ops = get_ops(kernels, configs=kernel_configs, cache_path=config_cache)
+        model = LlamaModel(self.config, weights, ops, self.device)
         self.runner = ModelRunner(model, block_size=block_size, device=self.device, dtype=dtype)
+        length_cap = max_model_len or self.config.max_position_embeddings
         if num_kv_blocks is None:
-            num_kv_blocks = self.runner.auto_num_blocks(max_num_batched_tokens, max_num_seqs, gpu_memory_utilization)
+            # The decode graphs keep their logits [bucket, V] float32 alive, one per bucket.
+            graph_bytes = sum(batch_buckets(max_num_seqs)) * self.config.vocab_size * 4 if self.uses_cuda_graphs else 0
+            num_kv_blocks = self.runner.auto_num_blocks(max_num_batched_tokens, max_num_seqs, gpu_memory_utilization,
+                                                        length_cap, graph_bytes)
         self.runner.allocate_kv_cache(num_kv_blocks)
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
-        # A sequence never outgrows the model's positions nor the whole cache.
-        self.max_model_len = min(self.config.max_position_embeddings, num_kv_blocks * block_size)
+        # A sequence never outgrows the model's positions, the cap asked for, nor the whole cache.
+        self.max_model_len = min(length_cap, num_kv_blocks * block_size)
         self.block_manager = BlockManager(num_kv_blocks, block_size)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -125,6 +155,55 @@ class LLM:
         )
         self._detoks: dict[int, IncrementalDetokenizer] = {}
         self._prompt_texts: dict[int, str | None] = {}
+        self.resolved_configs: list[dict[str, Any]] = []  # the warm-up's shape set (see engine/warmup.py)
+        self.tuned_configs: list[dict[str, Any]] = []
+        self.warmup(tune_trials=tune_trials)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether decode steps replay CUDA graphs (CUDA, kernels="triton", not enforce_eager)."""
+        return self.device.type == "cuda" and self.kernels == "triton" and not self.enforce_eager
+
+    def warmup(
+        self,
+        *,
+        tune_trials: int = 0,
+        sampler: str = "tpe",
+        families: list[str] | None = None,
+        decode_sizes: list[int] | None = None,
+        prefill_sizes: list[int] | None = None,
+        timeout_s: float = 60.0,
+    ) -> list[dict[str, Any]]:
+        """Resolve (and with ``tune_trials`` > 0 first tune) the Triton configs of the engine's steps,
+        then capture the decode CUDA graphs. Returns the shape set (``resolved_configs``).
+
+        Steps: decode at ``decode_sizes`` sequences (default: the CUDA-graph batch buckets up to
+        max_num_seqs) over the longest allowed context, and one-sequence prefill chunks of
+        ``prefill_sizes`` tokens (default: max_num_batched_tokens, capped by max_model_len). Tuning
+        runs ``autotune.tune`` with ``tune_trials`` trials and ``sampler`` on each distinct shape of
+        ``families`` (default all) and writes the winners into the config cache. Does nothing with
+        kernels="torch". Call it while no request is running (it writes the KV cache on CUDA).
+        """
+        if self.kernels != "triton":
+            return []
+        if self.scheduler.has_unfinished():
+            raise ValueError("LLM.warmup: requests are running; call it while the engine is idle")
+        decode_sizes = list(decode_sizes or batch_buckets(self.max_num_seqs))
+        prefill_sizes = list(prefill_sizes or [min(self.max_num_batched_tokens, self.max_model_len)])
+        for name, sizes, cap in (("decode_sizes", decode_sizes, self.max_num_seqs),
+                                 ("prefill_sizes", prefill_sizes, self.max_model_len)):
+            if any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cap for n in sizes):
+                raise ValueError(f"LLM.warmup: {name} must be ints in 1..{cap}, got {sizes}")
+        rows = resolve_configs(self.runner, decode_sizes, prefill_sizes, self.max_model_len)
+        if tune_trials:
+            self.tuned_configs = tune_configs(rows, n_trials=tune_trials, sampler=sampler, families=families,
+                                              cache_path=self.config_cache, timeout_s=timeout_s)
+            self.runner.model.ops.refresh()
+            rows = resolve_configs(self.runner, decode_sizes, prefill_sizes, self.max_model_len)
+        self.resolved_configs = rows
+        if self.uses_cuda_graphs:
+            self.runner.capture_decode_graphs(batch_buckets(self.max_num_seqs), self.max_model_len)
+        return rows
 
     # --- checking requests ----------------------------------------------------------------------
     def _prompt_ids(self, i: int, prompt: object) -> list[int]:
@@ -155,6 +234,8 @@ class LLM:
                 f"request {i}: prompt has {len(ids)} tokens, more than the whole KV cache holds "
                 f"({self.num_kv_blocks} blocks x {self.block_size} = {self.num_kv_blocks * self.block_size} tokens)"
             )
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"request {i}: prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}")
         return ids
 
     def _params(self, i: int, params: object) -> SamplingParams:

@@ -9,6 +9,9 @@ Per step, for B scheduled sequences feeding T tokens in all, it builds
 runs the model, computes logits only for the rows that need them (each sampling sequence's last
 row, and prompt rows whose log-probabilities were asked for) and samples.
 The KV cache is one tensor per K and V: [num_layers, num_blocks, block_size, Hkv, D].
+
+A step whose sequences all decode (one token each) replays a CUDA graph of its batch-size bucket
+instead (engine/cuda_graphs.py), when the graphs were captured (``capture_decode_graphs``).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ModelConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.models.llama import AttentionMetadata, LlamaModel
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -64,28 +68,33 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self._generators: dict[int, torch.Generator] = {}
         self.k_caches = self.v_caches = torch.empty(0)
+        self.graphs: DecodeGraphs | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """Zero-filled caches, so that never-written slots hold finite values."""
+        """Zero-filled caches, so that never-written slots hold finite values (graphs of the old
+        cache are dropped: they read and write its memory)."""
         c = self.config
         shape = (c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        self.graphs = None
         self.k_caches = self.v_caches = torch.empty(0)  # let the old cache go first
         self.k_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    def auto_num_blocks(self, max_num_batched_tokens: int, max_num_seqs: int, memory_utilization: float) -> int:
-        """How many KV blocks fit in memory, capped at what max_num_seqs full-length sequences use.
+    def auto_num_blocks(self, max_num_batched_tokens: int, max_num_seqs: int, memory_utilization: float,
+                        max_model_len: int, reserve_bytes: int = 0) -> int:
+        """How many KV blocks fit in memory, capped at what max_num_seqs sequences of max_model_len use.
 
         On CUDA: run one step of ``max_num_batched_tokens`` prompt tokens with a cache just big
         enough to hold them, measure the step's peak activation memory, and give the cache what
-        is left of ``memory_utilization`` of the device. On the CPU: CPU_KV_CACHE_BYTES.
+        is left of ``memory_utilization`` of the device after ``reserve_bytes`` (the CUDA graphs'
+        outputs). On the CPU: CPU_KV_CACHE_BYTES.
         """
         c = self.config
         per_block = kv_block_bytes(c, self.block_size, self.dtype)
-        cap = max_num_seqs * -(-c.max_position_embeddings // self.block_size)
+        cap = max_num_seqs * -(-max_model_len // self.block_size)
         if self.device.type != "cuda":
             return max(1, min(cap, CPU_KV_CACHE_BYTES // per_block))
-        n = min(max_num_batched_tokens, c.max_position_embeddings)
+        n = min(max_num_batched_tokens, max_model_len)
         self.allocate_kv_cache(-(-n // self.block_size))
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -99,7 +108,7 @@ class ModelRunner:
         self.allocate_kv_cache(0)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = free - (1 - memory_utilization) * total - activations
+        budget = free - (1 - memory_utilization) * total - activations - reserve_bytes
         blocks = int(budget // per_block)
         if blocks < 1:
             raise ValueError(
@@ -107,6 +116,40 @@ class ModelRunner:
                 f"{activations / 2**30:.1f} GiB); lower max_num_batched_tokens or raise gpu_memory_utilization"
             )
         return min(cap, blocks)
+
+    def capture_decode_graphs(self, sizes: list[int], max_context_len: int, *, capture: bool = True) -> None:
+        """Decode steps of up to ``max(sizes)`` sequences run padded to a size of ``sizes`` over
+        static buffers, replayed as CUDA graphs (``capture``; CUDA only) or run eagerly."""
+        self.graphs = None
+        self.graphs = DecodeGraphs(self.model, self.k_caches, self.v_caches, sizes=sizes, max_context_len=max_context_len,
+                                   block_size=self.block_size, capture=capture)
+
+    def dummy_inputs(self, num_seqs: int, query_len: int, context_len: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input_ids, positions, metadata) of a step of ``num_seqs`` sequences, each feeding its last
+        ``query_len`` of ``context_len`` tokens (token id 1), their blocks taken round-robin from the
+        cache. For warm-up and profiling while the engine is idle: the step writes the cache."""
+        bs, dev, n_blocks = self.block_size, self.device, self.k_caches.shape[1]
+        width = -(-context_len // bs)
+        tables = torch.arange(num_seqs * width, dtype=torch.int64).reshape(num_seqs, width) % n_blocks
+        pos = torch.arange(context_len - query_len, context_len).repeat(num_seqs)  # [B * query_len]
+        rows = torch.arange(num_seqs).repeat_interleave(query_len)
+        slots = tables[rows, pos // bs] * bs + pos % bs
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(dev),
+            block_tables=tables.to(device=dev, dtype=torch.int32),
+            cu_seqlens_q=torch.arange(0, (num_seqs + 1) * query_len, query_len, dtype=torch.int32, device=dev),
+            context_lens=torch.full((num_seqs,), context_len, dtype=torch.int32, device=dev),
+            max_seqlen_q=query_len,
+            max_context_len=context_len,
+        )
+        return torch.ones(num_seqs * query_len, dtype=torch.int64, device=dev), pos.to(dev), meta
+
+    @torch.inference_mode()
+    def run_dummy(self, num_seqs: int, query_len: int, context_len: int) -> torch.Tensor:
+        """Logits [num_seqs, V] of a :meth:`dummy_inputs` step (each sequence's last token)."""
+        ids, positions, meta = self.dummy_inputs(num_seqs, query_len, context_len)
+        hidden = self.model.forward(ids, positions, meta, self.k_caches, self.v_caches)
+        return self.model.logits(hidden[query_len - 1 :: query_len])
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished sequence's random generator."""
@@ -166,9 +209,17 @@ class ModelRunner:
             sample_rows=sample_rows,
         )
 
+    def _graphable(self, batch: ScheduledBatch) -> bool:
+        """True when the padded decode path serves ``batch``: every sequence feeds one token and samples."""
+        g = self.graphs
+        return (g is not None and len(batch.seqs) <= g.max_batch
+                and all(n == 1 for n in batch.num_new_tokens) and all(batch.sampling))
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Tokens [S] for the sampling sequences ``seqs`` and their logits [S, V]."""
         dev, params = self.device, [s.params for s in seqs]
+        if all(p.temperature == 0 for p in params):
+            return logits.argmax(dim=-1)  # known on the host: no parameter tensors, no device check
         return self.sampler.sample(
             logits,
             torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
@@ -180,22 +231,31 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepOutput:
         """Run one step of ``batch`` (block tables already grown) and sample."""
-        x = self._prepare(batch)
-        dev, n = self.device, len(batch.seqs)
+        n = len(batch.seqs)
         out = StepOutput([None] * n, [None] * n, [[] for _ in range(n)])
-        hidden = self.model.forward(x.input_ids, x.positions, x.meta, self.k_caches, self.v_caches)
-        if not x.rows:
-            return out
-        logits = self.model.logits(hidden[torch.tensor(x.rows, device=dev)])  # [R, V] float32
+        if self._graphable(batch):
+            # Every sequence decodes: logits row i is sequence i's last token, and no row is a prompt row.
+            logits = self.graphs.run(batch.seqs)
+            prompt_rows: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
+            sample_rows = list(range(n))
+        else:
+            x = self._prepare(batch)
+            hidden = self.model.forward(x.input_ids, x.positions, x.meta, self.k_caches, self.v_caches)
+            if not x.rows:
+                return out
+            logits = self.model.logits(hidden[torch.tensor(x.rows, device=self.device)])  # [R, V] float32
+            prompt_rows, sample_rows = x.prompt_rows, x.sample_rows
         logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs or s.params.prompt_logprobs for s in batch.seqs) else None
-        for i, wanted in enumerate(x.prompt_rows):
+        for i, wanted in enumerate(prompt_rows):
             if wanted:
                 values = logprobs[[w[0] for w in wanted], [w[2] for w in wanted]].tolist()
                 out.prompt_logprobs[i] = [(w[1], v) for w, v in zip(wanted, values)]
         sampling = [i for i, flag in enumerate(batch.sampling) if flag]
         if sampling:
-            tokens = self._sample([batch.seqs[i] for i in sampling], logits[x.sample_rows])
-            chosen = logprobs[x.sample_rows, tokens].tolist() if logprobs is not None else None
+            # sample_rows increase, so as many as there are logits rows means all of them, in order.
+            rows = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]
+            tokens = self._sample([batch.seqs[i] for i in sampling], rows)
+            chosen = logprobs[sample_rows, tokens].tolist() if logprobs is not None else None
             for j, (i, token) in enumerate(zip(sampling, tokens.tolist())):
                 out.tokens[i] = token
                 if batch.seqs[i].params.logprobs:

@@ -1,20 +1,154 @@
-"""The Triton backend (``kernels="triton"``): operators launched from kernels/ families.
+"""The Triton backend (``kernels="triton"``): every operator of the Llama forward pass is a kernels/
+family, launched with the config the autotuner's cache holds for the shape it runs.
 
-In this issue attention runs on the paged attention family; the other operators are inherited from
-the PyTorch backend until their families exist (each is one method to override).
+    operator          family            what it launches
+    linear            gemm              x [T, K] @ W.t(): B is the transposed view of the row-major
+                                        weight [N, K] (the family's ``b_transposed`` layout)
+    rmsnorm           rmsnorm           the residual add fused in, the new residual written in place
+    rope              rope              q and k rotated in place (views of the fused QKV output)
+    silu_mul          silu_mul          silu(gate) * up of the fused gate/up output
+    kv_store          kv_store          new K and V into the paged cache; negative slots (padding) skipped
+    paged_attention   attention_paged   decode, chunked prefill and mixed batches
+
+``configs="tuned"``: each call goes through ``autotune.tuned(family)``, which looks the config up once
+per (bucketed) shape -- the exact cached shape, else the nearest cached one, else the family's
+default -- and memoises it, so a later call costs the shape extraction and a dict lookup.
+``configs="default"``: the family's heuristic default config (the A/B baseline of tuning).
+
+Hot path: every output is allocated here and passed as ``out`` (the dry run below needs that);
+attention gets the longest context from the host (``max_context_len``) and skips the read-back of
+its metadata (``check_values=False``: the model runner built it), so a step makes no host sync
+and the decode step can be captured in a CUDA graph.
+
+Dry run (``with ops.dry_run() as resolved``): operators resolve their configs and record
+(family, dtype, shape) -> (config, source) without launching anything; the engine's warm-up runs
+its step shapes this way to list the exact shapes it will launch and to tune them.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import os
+from typing import Any, Callable, Iterator
+
 import torch
 
+import autotune
 import kernels
+from engine.ops import CONFIG_MODES
 from engine.ops.torch_ops import TorchOps
+from kernels.family import Config, dtype_name
+
+FAMILIES = ("gemm", "rmsnorm", "rope", "silu_mul", "kv_store", "attention_paged")
+
+# (family, dtype, JSON of the bucketed shape) -> what the dry run resolved for it.
+ResolvedKey = tuple[str, str, str]
+
+
+def _first_dtype(args: tuple, kwargs: dict) -> str:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return dtype_name(value.dtype)
+    raise TypeError("an operator call without a tensor argument")
 
 
 class TritonOps(TorchOps):
-    """Operators of the Llama forward pass with attention on ``kernels.attention.paged``."""
+    """Operators of the Llama forward pass on kernels/ families (see the module docstring)."""
 
     name = "triton"
+
+    def __init__(self, configs: str = "tuned", cache_path: str | os.PathLike | None = None) -> None:
+        if configs not in CONFIG_MODES:
+            raise ValueError(f"kernel configs must be one of {list(CONFIG_MODES)}, got {configs!r}")
+        self.configs = configs
+        self.cache_path = cache_path
+        self._dispatch = {f: autotune.tuned(f, cache_path=cache_path) for f in FAMILIES} if configs == "tuned" else {}
+        self._launchers: dict[str, Callable[..., Any]] = (
+            dict(self._dispatch) if configs == "tuned"
+            else {f: functools.partial(kernels.get_family(f).call, config=None) for f in FAMILIES}
+        )
+        self._fn = self._launchers
+
+    # --- config resolution ----------------------------------------------------------------------
+    def resolve(self, family: str, shape: dict[str, Any], dtype: str) -> tuple[Config, str]:
+        """(config, source) a call of ``family`` at ``shape`` launches with; source is "exact",
+        "nearest" or "default". Raises ``ValueError`` when the family has no valid config."""
+        fam = kernels.get_family(family)
+        shape = fam.bucket(shape)
+        config, source = self._dispatch[family].config_for(shape, dtype) if self.configs == "tuned" else (None, "default")
+        return (fam.default_config(shape, dtype) if config is None else config), source
+
+    def refresh(self) -> None:
+        """Reread the best-config cache at the next call (after tuning)."""
+        for d in self._dispatch.values():
+            d.refresh()
+
+    @contextlib.contextmanager
+    def dry_run(self) -> Iterator[dict[ResolvedKey, dict[str, Any]]]:
+        """Within the block, operators only resolve and record their configs (outputs stay empty)."""
+        resolved: dict[ResolvedKey, dict[str, Any]] = {}
+
+        def recorder(family: str) -> Callable[..., None]:
+            fam = kernels.get_family(family)
+
+            def record(*args: Any, **kwargs: Any) -> None:
+                shape = fam.bucket(fam.shape_from_call(*args, **kwargs))
+                dtype = _first_dtype(args, kwargs)
+                key = (family, dtype, json.dumps(shape, sort_keys=True))
+                if key not in resolved:
+                    config, source = self.resolve(family, shape, dtype)
+                    resolved[key] = {"family": family, "dtype": dtype, "shape": shape, "config": config,
+                                     "source": source}
+
+            return record
+
+        self._fn = {f: recorder(f) for f in FAMILIES}
+        try:
+            yield resolved
+        finally:
+            self._fn = self._launchers
+
+    # --- operators ------------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [T, K] @ weight[N, K]^T -> [T, N] in x's dtype."""
+        out = x.new_empty(x.shape[0], weight.shape[0])
+        self._fn["gemm"](x, weight.t(), out=out)
+        return out
+
+    def rmsnorm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed [T, H], new residual [T, H]); with a residual the sum is written into it in place
+        and the normed rows over x (both are dead afterwards); without, x is the new residual."""
+        if residual is None:
+            out = torch.empty_like(x)
+            self._fn["rmsnorm"](x, weight, eps, out=out)
+            return out, x
+        self._fn["rmsnorm"](x, weight, eps, residual=residual, out=x, residual_out=residual)
+        return x, residual
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T]."""
+        self._fn["rope"](q, k, positions, cos_sin)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2I] -> silu(gate) * up [T, I]."""
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        self._fn["silu_mul"](gate_up, out=out)
+        return out
+
+    def kv_store(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """k, v [T, Hkv, D] into the caches [num_blocks, block_size, Hkv, D] at slot_mapping [T];
+        a negative slot (a padding row of a CUDA-graph batch) is skipped."""
+        self._fn["kv_store"](k, v, k_cache, v_cache, slot_mapping)
 
     def paged_attention(
         self,
@@ -28,8 +162,11 @@ class TritonOps(TorchOps):
         sm_scale: float,
         max_context_len: int | None = None,
     ) -> torch.Tensor:
-        # max_context_len (known on the host) picks the config without reading context_lens back.
-        return kernels.attention.paged(
+        """out [T, Hq, D] (contiguous). ``max_context_len`` (host-known) picks the config; without it
+        the block table's capacity bounds the context."""
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        self._fn["attention_paged"](
             q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
-            sm_scale=sm_scale, max_context_len=max_context_len,
+            sm_scale=sm_scale, max_context_len=max_context_len, check_values=False, out=out,
         )
+        return out

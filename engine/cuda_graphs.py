@@ -1,0 +1,152 @@
+"""CUDA graphs of the decode step, one per batch-size bucket, replayed over padded inputs.
+
+A decode step of b sequences (one new token each) runs at the smallest bucket B >= b of
+:func:`batch_buckets` (1, 2, 4, 8, 16, 32, then steps of 32 up to max_num_seqs). Bucket B's graph
+was captured once -- after an eager launch that compiled its kernels and resolved their configs --
+over static buffers (device tensors that every replay reads):
+
+    input_ids, positions, slot_mapping [Bmax] int64; context_lens [Bmax] int32;
+    cu_seqlens_q [Bmax + 1] int32 = 0, 1, ..., Bmax (one query per sequence, never rewritten);
+    block_tables [Bmax, ceil(max_model_len / block_size)] int32
+
+and writes logits [B, V] float32. A step fills rows 0..b-1 from its sequences and pads rows
+b..B-1 so that they are harmless: token 0 at position 0, slot -1 (kv_store skips it: nothing is
+written) and one cached token (attention reads one finite cache vector through whatever valid
+block id the row holds; the row's logits are never read). Attention is launched with the longest
+context the engine allows (max_model_len), so one captured config serves every context length.
+
+Block-table rows are kept on the host and rewritten only where they changed: a row remembers the
+sequence's block list object and its length (the block manager only appends to a list, and a
+preemption gives the sequence a new one), so a step writes the blocks a sequence gained.
+
+Without capture (on a CPU, or to test the padding) the same padded step runs eagerly.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.models.llama import AttentionMetadata, LlamaModel
+from engine.sequence import Sequence
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 32, then every multiple of 32, up to and including ``max_num_seqs``."""
+    sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_num_seqs]
+    sizes += list(range(64, max_num_seqs, 32))
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    """Padded decode steps at fixed batch sizes, captured as CUDA graphs when ``capture``."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        k_caches: torch.Tensor,
+        v_caches: torch.Tensor,
+        *,
+        sizes: list[int],
+        max_context_len: int,
+        block_size: int,
+        capture: bool,
+    ) -> None:
+        if capture and k_caches.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the KV cache is on {k_caches.device}")
+        self.model, self.k_caches, self.v_caches = model, k_caches, v_caches
+        self.sizes = sorted(sizes)
+        self.max_context_len = max_context_len
+        self.block_size = block_size
+        dev = k_caches.device
+        n, width = self.sizes[-1], -(-max_context_len // block_size)
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
+        self._device_buffers = (self.ids, self.positions, self.slots, self.context_lens, self.block_tables)
+        if dev.type == "cuda":
+            # Pinned host copies, sent with asynchronous copies; every step ends in a host sync (the
+            # sampled tokens), so the next step never overwrites a copy still in flight.
+            self._host = tuple(torch.empty_like(t, device="cpu").pin_memory() for t in self._device_buffers)
+        else:
+            self._host = self._device_buffers
+        self._np = tuple(t.numpy() for t in self._host)
+        self._rows: list[tuple[list[int], int] | None] = [None] * n  # (block list, blocks written) per row
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if capture:
+            self._capture()
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def bucket(self, batch: int) -> int:
+        """The smallest captured batch size that holds ``batch`` sequences."""
+        for size in self.sizes:
+            if size >= batch:
+                return size
+        raise ValueError(f"decode batch of {batch} exceeds the largest bucket {self.max_batch}")
+
+    def _forward(self, size: int) -> torch.Tensor:
+        """Logits [size, V] float32 of the first ``size`` rows of the static buffers."""
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:size],
+            block_tables=self.block_tables[:size],
+            cu_seqlens_q=self.cu_seqlens_q[: size + 1],
+            context_lens=self.context_lens[:size],
+            max_seqlen_q=1,
+            max_context_len=self.max_context_len,
+        )
+        hidden = self.model.forward(self.ids[:size], self.positions[:size], meta, self.k_caches, self.v_caches)
+        return self.model.logits(hidden)
+
+    def _capture(self) -> None:
+        """Capture every bucket, largest first, into one memory pool (graphs run one at a time)."""
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for size in reversed(self.sizes):
+                self._forward(size)  # compiles kernels and resolves configs outside the capture
+                torch.cuda.synchronize(self.k_caches.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._forward(size)
+                self._graphs[size] = (graph, logits)
+        torch.cuda.synchronize(self.k_caches.device)
+
+    def _fill(self, seqs: list[Sequence], size: int) -> None:
+        """Write the step's rows (and the padding up to ``size``) into the host buffers, then send them."""
+        ids, positions, slots, ctx, tables = self._np
+        bs = self.block_size
+        b = len(seqs)
+        for i, seq in enumerate(seqs):
+            p = seq.num_computed_tokens
+            blocks = seq.block_table
+            ids[i] = seq.token_ids[p]
+            positions[i] = p
+            slots[i] = blocks[p // bs] * bs + p % bs
+            ctx[i] = p + 1
+            row = self._rows[i]
+            start = row[1] if row is not None and row[0] is blocks else 0
+            if start < len(blocks):
+                tables[i, start : len(blocks)] = blocks[start:]
+                self._rows[i] = (blocks, len(blocks))
+        ids[b:size] = 0
+        positions[b:size] = 0
+        slots[b:size] = -1
+        ctx[b:size] = 1
+        if self._host is not self._device_buffers:
+            for dst, src in zip(self._device_buffers, self._host):
+                dst[:size].copy_(src[:size], non_blocking=True)
+
+    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [len(seqs), V] float32 of a decode step of ``seqs`` (each feeding one token)."""
+        size = self.bucket(len(seqs))
+        self._fill(seqs, size)
+        if size in self._graphs:
+            graph, logits = self._graphs[size]
+            graph.replay()
+        else:
+            logits = self._forward(size)
+        return logits[: len(seqs)]
+
