@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from autotune import families
+from autotune.timing import cpu_time, do_bench_time, gpu_time
 from kernels.device import default_device
 from kernels.family import Family, rel_error
 
@@ -34,6 +34,7 @@ class Timing:
     warmup_ms: float = 10.0
     rep_ms: float = 40.0
     cpu_runs: int = 3
+    graph: bool = True  # GPU: cold-L2 launches replayed in a CUDA graph (no host overhead)
 
 
 def describe(exc: BaseException) -> str:
@@ -205,21 +206,12 @@ class Session:
         return None
 
     def _time(self, fn: Callable[[], Any], timing: Timing) -> tuple[float, float, float]:
-        """(median, 20th, 80th percentile) milliseconds of ``fn``."""
-        if self.device.type == "cuda":
-            import triton.testing
-
-            med, p20, p80 = triton.testing.do_bench(
-                fn, warmup=timing.warmup_ms, rep=timing.rep_ms, quantiles=[0.5, 0.2, 0.8]
-            )
-            return float(med), float(p20), float(p80)
-        times = []
-        for _ in range(max(1, timing.cpu_runs)):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        med, p20, p80 = np.quantile(times, [0.5, 0.2, 0.8])
-        return float(med), float(p20), float(p80)
+        """(median, 20th, 80th percentile) milliseconds of ``fn`` (see autotune/timing.py)."""
+        if self.device.type != "cuda":
+            return cpu_time(fn, timing.cpu_runs)
+        if timing.graph:
+            return gpu_time(fn)
+        return do_bench_time(fn, timing.warmup_ms, timing.rep_ms)
 
     def _healthy(self) -> bool:
         """False when the GPU context is broken (every later CUDA call would fail too)."""

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 import kernels
+from autotune.timing import cpu_time, gpu_time
 from kernels.device import default_device, device_facts
 from kernels.family import rel_error
 
@@ -87,19 +88,11 @@ def precompile(jobs: list[tuple[dict, str, dict]], workers: int) -> dict[int, st
 
 
 def bench(fn, quick: bool) -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile) ms of ``fn``: do_bench on a GPU, wall clock on the CPU."""
+    """(median, 20th, 80th percentile) ms of ``fn``: cold-L2 CUDA-graph replays on a GPU (the
+    autotuner's timing, free of host launch overhead), wall clock on the CPU."""
     if torch.cuda.is_available():
-        import triton.testing
-
-        q = triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
-        return float(q[0]), float(q[1]), float(q[2])
-    times = []
-    for _ in range(3 if quick else 5):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return times[len(times) // 2], times[0], times[-1]
+        return gpu_time(fn)
+    return cpu_time(fn, 3 if quick else 5)
 
 
 def copy_bandwidth_gbps() -> float:
@@ -209,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"default {default_t[0] if default_t else float('nan'):.4f}  best {best_t[0]:.4f} "
                   f"({best_cfg['variant']})  ratio {cublas[0] / best_t[0]:.3f}  [{len(timed)} ok, {bad} bad]",
                   flush=True)
-        del inputs, ref
 
     df = pd.DataFrame(rows)
     if "best" not in set(df["kind"]):

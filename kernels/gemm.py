@@ -14,7 +14,6 @@ weight, as in a linear layer, which is how the engine calls it.
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any
 
 import torch
@@ -199,10 +198,10 @@ def _b_transposed(b: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _launcher(M: int, N: int, K: int, b_trans: bool, dtype: str, config_json: str | None):
+def _launcher(M: int, N: int, K: int, b_trans: bool, dtype: str, config_items: tuple | None):
     """The emitted module's ``launch`` for one (shape, dtype, config), validated once."""
     shape = {"M": M, "N": N, "K": K, "b_transposed": b_trans}
-    config = FAMILY.default_config(shape, dtype) if config_json is None else json.loads(config_json)
+    config = FAMILY.default_config(shape, dtype) if config_items is None else dict(config_items)
     FAMILY.check_config(shape, dtype, config)
     return FAMILY.module(shape, dtype, config).launch, config["variant"].startswith("tma")
 
@@ -241,8 +240,11 @@ def matmul(
     if K == 0:
         return out.zero_()
     b_trans = _b_transposed(b)
-    key = None if config is None else json.dumps(config, sort_keys=True)
-    launch, tma = _launcher(M, N, K, b_trans, dtype, key)
+    try:
+        key = None if config is None else tuple(sorted(config.items()))
+        launch, tma = _launcher(M, N, K, b_trans, dtype, key)
+    except TypeError as e:  # an unhashable value cannot be a candidate of any key
+        raise ValueError(f"matmul: config has an invalid value: {e}") from None
     if tma:
         # Tensor descriptors need a unit stride in the last dim: only the layouts the variant names.
         a = a if a.stride(1) == 1 else a.contiguous()
