@@ -23,6 +23,8 @@ Without capture (on a CPU, or to test the padding) the same padded step runs eag
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from engine.models.llama import AttentionMetadata, LlamaModel
@@ -139,14 +141,29 @@ class DecodeGraphs:
             for dst, src in zip(self._device_buffers, self._host):
                 dst[:size].copy_(src[:size], non_blocking=True)
 
+    def _launch(self, size: int) -> torch.Tensor:
+        if size in self._graphs:
+            graph, logits = self._graphs[size]
+            graph.replay()
+            return logits
+        return self._forward(size)
+
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits [len(seqs), V] float32 of a decode step of ``seqs`` (each feeding one token)."""
         size = self.bucket(len(seqs))
         self._fill(seqs, size)
-        if size in self._graphs:
-            graph, logits = self._graphs[size]
-            graph.replay()
-        else:
-            logits = self._forward(size)
-        return logits[: len(seqs)]
+        return self._launch(size)[: len(seqs)]
+
+    def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> Callable[[], torch.Tensor]:
+        """Copy a decode step's device inputs (B sequences, one token each; block tables no wider
+        than the buffers) into the static buffers and return the launch of its bucket: a callable
+        giving logits [bucket, V], for timing the step as served (the profiler)."""
+        b, width = meta.block_tables.shape
+        size = self.bucket(b)
+        self.ids[:b], self.positions[:b], self.slots[:b] = input_ids, positions, meta.slot_mapping
+        self.context_lens[:b] = meta.context_lens
+        self.block_tables[:b, :width] = meta.block_tables
+        self.slots[b:size], self.context_lens[b:size] = -1, 1
+        self._rows[:b] = [None] * b  # those rows no longer hold what the row cache remembers
+        return lambda: self._launch(size)
 

@@ -1,0 +1,250 @@
+"""Per-kernel breakdown of engine steps: where a prefill step's and a decode step's time goes.
+
+For each step (``Step``: sequences, new tokens per sequence, context length; the engine idle):
+1. the step runs once with the engine's operator backend wrapped by a recorder, which keeps every
+   operator call -- its operator, which projection for the GEMMs, its arguments;
+2. each recorded call is replayed alone under the timer: on CUDA ``triton.testing.do_bench``
+   (warm-up, L2 flushed before every run, median of CUDA-event timings), on the CPU the wall clock
+   of one run after a warm-up (the interpreter's time, not a kernel's). That is each kernel's own
+   time, without the Python and launch gaps between kernels;
+3. the whole step is timed the same way, eagerly and, for decode steps the engine serves from a
+   CUDA graph, as that graph's replay; ``overhead`` = step time - the kernels' sum is what the
+   launches and the host cost on top of the kernels.
+Each call's FLOPs and bytes come from its family's cost model (kernels/), so the table has the
+achieved TFLOP/s and GB/s of each operator and, given the device's measured ceilings (peak TFLOP/s
+and copy GB/s), its fraction of the roofline: max(flops / peak, bytes / bandwidth) / time.
+
+    df = profile_steps(llm, [Step("prefill", 4, 512, 512), Step("decode", 32, 1, 512)], ceilings=(700.0, 3000.0))
+    plot_breakdown(df, Path("kernel_breakdown.png"))
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import pandas as pd
+import torch
+
+import kernels
+from kernels.family import dtype_name
+
+if TYPE_CHECKING:
+    from engine.llm import LLM
+
+Timer = Callable[[Callable[[], Any]], float]  # fn -> milliseconds of one call
+OPERATORS = ("rmsnorm", "qkv_proj", "rope", "kv_store", "attention", "o_proj", "gate_up_proj", "silu_mul",
+             "down_proj", "lm_head")
+
+
+@dataclass(frozen=True)
+class Step:
+    """A step of ``seqs`` sequences, each feeding its last ``query_len`` of ``context_len`` tokens."""
+
+    phase: str  # "prefill" or "decode"
+    seqs: int
+    query_len: int
+    context_len: int
+
+    @property
+    def label(self) -> str:
+        if self.phase == "decode":
+            return f"decode {self.seqs} seqs @ {self.context_len}"
+        return f"{self.phase} {self.seqs}x{self.query_len}"
+
+
+def default_timer(device: torch.device) -> Timer:
+    """do_bench's median on CUDA; on the CPU the wall clock of one run after a warm-up run."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, return_mode="median"))
+
+    def wall(fn: Callable[[], Any]) -> float:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return wall
+
+
+@dataclass
+class _Call:
+    operator: str
+    family: str
+    shape: dict[str, Any]
+    method: str
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    """Stands in for the model's operator backend: forwards every call and records it."""
+
+    def __init__(self, ops: Any, weight_names: dict[int, str]) -> None:
+        self.ops, self.weight_names = ops, weight_names
+        self.calls: list[_Call] = []
+
+    def _do(self, operator: str, family: str, shape: dict, method: str, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(_Call(operator, family, shape, method, args, kwargs))
+        return getattr(self.ops, method)(*args, **kwargs)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        shape = {"M": x.shape[0], "N": weight.shape[0], "K": x.shape[1], "b_transposed": True}
+        return self._do(self.weight_names[weight.data_ptr()], "gemm", shape, "linear", x, weight)
+
+    def rmsnorm(self, x, weight, eps, residual=None):
+        shape = {"tokens": x.shape[0], "hidden": x.shape[1], "residual": residual is not None}
+        return self._do("rmsnorm", "rmsnorm", shape, "rmsnorm", x, weight, eps, residual)
+
+    def rope(self, q, k, positions, cos_sin):
+        shape = {"tokens": q.shape[0], "heads_q": q.shape[1], "heads_kv": k.shape[1], "head_dim": q.shape[2]}
+        return self._do("rope", "rope", shape, "rope", q, k, positions, cos_sin)
+
+    def silu_mul(self, gate_up):
+        shape = {"tokens": gate_up.shape[0], "intermediate": gate_up.shape[1] // 2}
+        return self._do("silu_mul", "silu_mul", shape, "silu_mul", gate_up)
+
+    def kv_store(self, k, v, k_cache, v_cache, slot_mapping):
+        shape = {"tokens": k.shape[0], "heads_kv": k.shape[1], "head_dim": k.shape[2],
+                 "block_size": k_cache.shape[1], "num_blocks": k_cache.shape[0]}
+        return self._do("kv_store", "kv_store", shape, "kv_store", k, v, k_cache, v_cache, slot_mapping)
+
+    def paged_attention(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, sm_scale,
+                        max_context_len=None):
+        # The profiled steps give every sequence the same lengths, so the cost model's shape is exact.
+        shape = {"batch": block_tables.shape[0], "query_len": max_seqlen_q, "context_len": max_context_len,
+                 "heads_q": q.shape[1], "heads_kv": k_cache.shape[2], "head_dim": q.shape[2],
+                 "block_size": k_cache.shape[1]}
+        return self._do("attention", "attention_paged", shape, "paged_attention", q, k_cache, v_cache, block_tables,
+                        cu_seqlens_q, context_lens, max_seqlen_q, sm_scale, max_context_len)
+
+
+def _weight_names(llm: LLM) -> dict[int, str]:
+    w = llm.runner.model.weights
+    names = {w.lm_head.data_ptr(): "lm_head"}
+    for layer in w.layers:
+        names.update({layer.qkv.data_ptr(): "qkv_proj", layer.o.data_ptr(): "o_proj",
+                      layer.gate_up.data_ptr(): "gate_up_proj", layer.down.data_ptr(): "down_proj"})
+    return names
+
+
+def _rates(ms: float, flops: float, nbytes: float, ceilings: tuple[float, float] | None) -> dict[str, float]:
+    ok = ms > 0
+    out = {"tflops": flops / ms / 1e9 if ok else float("nan"), "gbps": nbytes / ms / 1e6 if ok else float("nan")}
+    if ceilings is None:
+        out["roofline_frac"] = float("nan")
+    else:
+        roof_ms = max(flops / (ceilings[0] * 1e9), nbytes / (ceilings[1] * 1e6))
+        out["roofline_frac"] = roof_ms / ms if ok else float("nan")
+    return out
+
+
+@torch.inference_mode()
+def profile_step(llm: LLM, step: Step, *, timer: Timer | None = None,
+                 ceilings: tuple[float, float] | None = None) -> list[dict[str, Any]]:
+    """Rows of one step: one per operator (its calls summed over the layers), then the step's totals
+    (``operator`` "kernels", "step (eager)", and for a graph-served decode step "step (graph)")."""
+    if llm.has_unfinished():
+        raise ValueError("profile_step: requests are running; profile an idle engine (the step writes the KV cache)")
+    if step.phase not in ("prefill", "decode") or (step.phase == "decode") != (step.query_len == 1):
+        raise ValueError(f"profile_step: a decode step feeds 1 token per sequence, a prefill step more; got {step}")
+    if not (1 <= step.query_len <= step.context_len <= llm.max_model_len and 1 <= step.seqs):
+        raise ValueError(f"profile_step: need 1 <= query_len <= context_len <= max_model_len={llm.max_model_len}, "
+                         f"got {step}")
+    runner, model = llm.runner, llm.runner.model
+    timer = timer or default_timer(llm.device)
+    ids, positions, meta = runner.dummy_inputs(step.seqs, step.query_len, step.context_len)
+    recorder = _Recorder(model.ops, _weight_names(llm))
+    inner, model.ops = model.ops, recorder
+    try:
+        hidden = model.forward(ids, positions, meta, runner.k_caches, runner.v_caches)
+        model.logits(hidden[step.query_len - 1 :: step.query_len])
+    finally:
+        model.ops = inner
+    dtype = dtype_name(llm.dtype)
+    per_op: dict[str, dict[str, Any]] = {}
+    for call in recorder.calls:
+        fn = getattr(inner, call.method)
+        ms = timer(lambda: fn(*call.args, **call.kwargs))
+        fam = kernels.get_family(call.family)
+        agg = per_op.setdefault(call.operator, {"family": call.family, "calls": 0, "ms": 0.0, "flops": 0.0,
+                                                "bytes": 0.0, "shape": call.shape})
+        agg["calls"] += 1
+        agg["ms"] += ms
+        agg["flops"] += fam.flops(call.shape)
+        agg["bytes"] += fam.bytes(call.shape, dtype)
+    base = {"step": step.label, "phase": step.phase, "seqs": step.seqs, "query_len": step.query_len,
+            "context_len": step.context_len, "backend": f"{llm.kernels}/{llm.kernel_configs}", "dtype": dtype}
+    order = sorted(per_op, key=lambda op: OPERATORS.index(op))
+    rows = [{**base, "operator": op, **{k: v for k, v in per_op[op].items() if k != "shape"},
+             "shape": str(per_op[op]["shape"]), **_rates(per_op[op]["ms"], per_op[op]["flops"], per_op[op]["bytes"], ceilings)}
+            for op in order]
+    total = {k: sum(per_op[op][k] for op in order) for k in ("calls", "ms", "flops", "bytes")}
+    rows.append({**base, "operator": "kernels", "family": "", **total, "shape": "",
+                 **_rates(total["ms"], total["flops"], total["bytes"], ceilings)})
+
+    def whole(name: str, fn: Callable[[], Any]) -> None:
+        ms = timer(fn)
+        rows.append({**base, "operator": name, "family": "", "calls": total["calls"], "ms": ms, "flops": total["flops"],
+                     "bytes": total["bytes"], "shape": "", "overhead_ms": ms - total["ms"],
+                     **_rates(ms, total["flops"], total["bytes"], ceilings)})
+
+    rows_idx = slice(step.query_len - 1, None, step.query_len)
+    whole("step (eager)", lambda: model.logits(
+        model.forward(ids, positions, meta, runner.k_caches, runner.v_caches)[rows_idx]))
+    if step.phase == "decode" and runner.graphs is not None and step.seqs <= runner.graphs.max_batch:
+        whole("step (graph)", runner.graphs.load(ids, positions, meta))
+    for r in rows:
+        r["share"] = r["ms"] / total["ms"] if total["ms"] > 0 else float("nan")
+    return rows
+
+
+def profile_steps(llm: LLM, steps: list[Step], *, timer: Timer | None = None,
+                  ceilings: tuple[float, float] | None = None) -> pd.DataFrame:
+    """The breakdown table of several steps (see :func:`profile_step`)."""
+    return pd.DataFrame([r for s in steps for r in profile_step(llm, s, timer=timer, ceilings=ceilings)])
+
+
+def plot_breakdown(df: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Stacked bars: per step, each operator's kernel time (ms, summed over layers), plus the gap to
+    the eager step ("launch + host overhead"); beside them, each operator's fraction of the roofline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = df[df["operator"].isin(OPERATORS)]
+    steps = list(dict.fromkeys(df["step"]))
+    table = ops.pivot_table(index="step", columns="operator", values="ms", aggfunc="sum").reindex(steps)
+    table = table[[op for op in OPERATORS if op in table.columns]]
+    eager = df[df["operator"] == "step (eager)"].set_index("step")["overhead_ms"].reindex(steps)
+    table["launch + host overhead"] = eager.clip(lower=0).fillna(0.0)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5), layout="constrained")
+    # Each step on its own scale: a prefill step takes far longer than a decode step.
+    shares = table.div(table.sum(axis=1), axis=0) * 100
+    shares.plot.bar(stacked=True, ax=a1, rot=0, colormap="tab20", width=0.6)
+    for i, total in enumerate(table.sum(axis=1)):
+        a1.annotate(f"{total:.3g} ms", (i, 101), ha="center", fontsize=8)
+    a1.set_ylabel("% of the eager step's time")
+    a1.set_ylim(0, 110)
+    a1.set_xlabel("")
+    a1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    frac = ops.pivot_table(index="operator", columns="step", values="roofline_frac", aggfunc="first")
+    frac = frac.reindex([op for op in OPERATORS if op in frac.index])[[s for s in steps if s in frac.columns]]
+    if frac.notna().any().any():
+        frac.plot.bar(ax=a2, rot=30)
+        a2.set_ylabel("fraction of roofline (measured ceilings)")
+        a2.set_ylim(0, max(1.0, float(frac.max().max()) * 1.1))
+    else:
+        a2.text(0.5, 0.5, "no ceilings given", ha="center", va="center", transform=a2.transAxes)
+    a2.set_xlabel("")
+    a2.grid(axis="y", alpha=0.3)
+    for lbl in a2.get_xticklabels():
+        lbl.set_ha("right")
+    fig.suptitle(title or "Per-kernel breakdown")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
