@@ -3,13 +3,13 @@
 For each step (``Step``: sequences, new tokens per sequence, context length; the engine idle):
 1. the step runs once with the engine's operator backend wrapped by a recorder, which keeps every
    operator call -- its operator, which projection for the GEMMs, its arguments;
-2. each recorded call is replayed alone under the timer: on CUDA ``triton.testing.do_bench``
-   (warm-up, L2 flushed before every run, median of CUDA-event timings), on the CPU the wall clock
-   of one run after a warm-up (the interpreter's time, not a kernel's). That is each kernel's own
-   time, without the Python and launch gaps between kernels;
-3. the whole step is timed the same way, eagerly and, for decode steps the engine serves from a
-   CUDA graph, as that graph's replay; ``overhead`` = step time - the kernels' sum is what the
-   launches and the host cost on top of the kernels.
+2. each recorded call is replayed alone under the kernel timer: on CUDA launches captured in a CUDA
+   graph with the L2 flushed before each (``autotune.timing.gpu_time``, median), on the CPU the
+   wall clock of one run after a warm-up (the interpreter's time, not a kernel's). That is each
+   kernel's own time, without the Python and launch gaps between kernels;
+3. the whole step is timed from the host (``do_bench``), eagerly and, for decode steps the engine
+   serves from a CUDA graph, as that graph's replay; ``overhead`` = step time - the kernels' sum is
+   what the launches and the host cost on top of the kernels.
 Each call's FLOPs and bytes come from its family's cost model (kernels/), so the table has the
 achieved TFLOP/s and GB/s of each operator and, given the device's measured ceilings (peak TFLOP/s
 and copy GB/s), its fraction of the roofline: max(flops / peak, bytes / bandwidth) / time.
@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 import kernels
+from autotune import timing
 from kernels.family import dtype_name
 
 if TYPE_CHECKING:
@@ -54,20 +55,19 @@ class Step:
         return f"{self.phase} {self.seqs}x{self.query_len}"
 
 
-def default_timer(device: torch.device) -> Timer:
-    """do_bench's median on CUDA; on the CPU the wall clock of one run after a warm-up run."""
+def default_timers(device: torch.device) -> tuple[Timer, Timer]:
+    """(kernel timer, step timer). On CUDA: one launch replayed in a CUDA graph with L2 flushed
+    (``autotune.timing.gpu_time``: the kernel's GPU time, no host launch cost) for an operator, and
+    ``do_bench`` from the host for a whole step (its launch and host costs are part of what it takes).
+    On the CPU: the wall clock of one run after a warm-up run, for both."""
     if device.type == "cuda":
-        import triton.testing
-
-        return lambda fn: float(triton.testing.do_bench(fn, return_mode="median"))
+        return (lambda fn: timing.gpu_time(fn)[0]), (lambda fn: timing.do_bench_time(fn)[0])
 
     def wall(fn: Callable[[], Any]) -> float:
         fn()
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        return timing.cpu_time(fn, runs=1)[0]
 
-    return wall
+    return wall, wall
 
 
 @dataclass
@@ -143,7 +143,7 @@ def _rates(ms: float, flops: float, nbytes: float, ceilings: tuple[float, float]
 
 
 @torch.inference_mode()
-def profile_step(llm: LLM, step: Step, *, timer: Timer | None = None,
+def profile_step(llm: LLM, step: Step, *, timers: tuple[Timer, Timer] | None = None,
                  ceilings: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """Rows of one step: one per operator (its calls summed over the layers), then the step's totals
     (``operator`` "kernels", "step (eager)", and for a graph-served decode step "step (graph)")."""
@@ -155,7 +155,7 @@ def profile_step(llm: LLM, step: Step, *, timer: Timer | None = None,
         raise ValueError(f"profile_step: need 1 <= query_len <= context_len <= max_model_len={llm.max_model_len}, "
                          f"got {step}")
     runner, model = llm.runner, llm.runner.model
-    timer = timer or default_timer(llm.device)
+    kernel_timer, step_timer = timers or default_timers(llm.device)
     ids, positions, meta = runner.dummy_inputs(step.seqs, step.query_len, step.context_len)
     recorder = _Recorder(model.ops, _weight_names(llm))
     inner, model.ops = model.ops, recorder
@@ -168,7 +168,7 @@ def profile_step(llm: LLM, step: Step, *, timer: Timer | None = None,
     per_op: dict[str, dict[str, Any]] = {}
     for call in recorder.calls:
         fn = getattr(inner, call.method)
-        ms = timer(lambda: fn(*call.args, **call.kwargs))
+        ms = kernel_timer(lambda: fn(*call.args, **call.kwargs))
         fam = kernels.get_family(call.family)
         agg = per_op.setdefault(call.operator, {"family": call.family, "calls": 0, "ms": 0.0, "flops": 0.0,
                                                 "bytes": 0.0, "shape": call.shape})
@@ -187,7 +187,7 @@ def profile_step(llm: LLM, step: Step, *, timer: Timer | None = None,
                  **_rates(total["ms"], total["flops"], total["bytes"], ceilings)})
 
     def whole(name: str, fn: Callable[[], Any]) -> None:
-        ms = timer(fn)
+        ms = step_timer(fn)
         rows.append({**base, "operator": name, "family": "", "calls": total["calls"], "ms": ms, "flops": total["flops"],
                      "bytes": total["bytes"], "shape": "", "overhead_ms": ms - total["ms"],
                      **_rates(ms, total["flops"], total["bytes"], ceilings)})
@@ -202,10 +202,10 @@ def profile_step(llm: LLM, step: Step, *, timer: Timer | None = None,
     return rows
 
 
-def profile_steps(llm: LLM, steps: list[Step], *, timer: Timer | None = None,
+def profile_steps(llm: LLM, steps: list[Step], *, timers: tuple[Timer, Timer] | None = None,
                   ceilings: tuple[float, float] | None = None) -> pd.DataFrame:
     """The breakdown table of several steps (see :func:`profile_step`)."""
-    return pd.DataFrame([r for s in steps for r in profile_step(llm, s, timer=timer, ceilings=ceilings)])
+    return pd.DataFrame([r for s in steps for r in profile_step(llm, s, timers=timers, ceilings=ceilings)])
 
 
 def plot_breakdown(df: pd.DataFrame, path: Path, title: str = "") -> Path:
