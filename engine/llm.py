@@ -24,7 +24,7 @@ from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaModel
 from engine.ops import BACKENDS, CONFIG_MODES, get_ops
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.warmup import resolve_configs, tune_configs
 from kernels.family import DTYPES
@@ -155,6 +155,7 @@ class LLM:
         )
         self._detoks: dict[int, IncrementalDetokenizer] = {}
         self._prompt_texts: dict[int, str | None] = {}
+        self.last_batch: ScheduledBatch | None = None  # what the latest step ran (benchmarks read it)
         self.resolved_configs: list[dict[str, Any]] = []  # the warm-up's shape set (see engine/warmup.py)
         self.tuned_configs: list[dict[str, Any]] = []
         self.warmup(tune_trials=tune_trials)
@@ -302,6 +303,7 @@ class LLM:
         Returns the sequences that received a token this step (``seq.is_finished`` tells which are done).
         """
         batch = self.scheduler.schedule()
+        self.last_batch = batch
         if not batch.seqs:
             return []  # everything was preempted this step; the next step re-admits
         out = self.runner.run(batch)

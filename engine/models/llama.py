@@ -40,6 +40,12 @@ class LlamaWeights:
     norm: torch.Tensor  # [H]
     lm_head: torch.Tensor  # [V, H]; the embedding itself when tied
 
+    def decode_bytes(self) -> int:
+        """Bytes of weights a decode step reads: every layer's, the final norm's and the LM head's (the
+        embedding adds only its rows of the step's tokens). Over the copy bandwidth: the step's floor."""
+        tensors = [t for layer in self.layers for t in vars(layer).values()] + [self.norm, self.lm_head]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 @dataclass
 class AttentionMetadata:
