@@ -174,6 +174,7 @@ class LLM:
         decode_sizes: list[int] | None = None,
         prefill_sizes: list[int] | None = None,
         timeout_s: float = 60.0,
+        storage: str | Path | None = None,
     ) -> list[dict[str, Any]]:
         """Resolve (and with ``tune_trials`` > 0 first tune) the Triton configs of the engine's steps,
         then capture the decode CUDA graphs. Returns the shape set (``resolved_configs``).
@@ -182,7 +183,8 @@ class LLM:
         max_num_seqs) over the longest allowed context, and one-sequence prefill chunks of
         ``prefill_sizes`` tokens (default: max_num_batched_tokens, capped by max_model_len). Tuning
         runs ``autotune.tune`` with ``tune_trials`` trials and ``sampler`` on each distinct shape of
-        ``families`` (default all) and writes the winners into the config cache. Does nothing with
+        ``families`` (default all) and writes the winners into the config cache (its studies go to the
+        Optuna ``storage``, None for autotune's default file under results/). Does nothing with
         kernels="torch". Call it while no request is running (it writes the KV cache on CUDA).
         """
         if self.kernels != "triton":
@@ -198,7 +200,7 @@ class LLM:
         rows = resolve_configs(self.runner, decode_sizes, prefill_sizes, self.max_model_len)
         if tune_trials:
             self.tuned_configs = tune_configs(rows, n_trials=tune_trials, sampler=sampler, families=families,
-                                              cache_path=self.config_cache, timeout_s=timeout_s)
+                                              cache_path=self.config_cache, storage=storage, timeout_s=timeout_s)
             self.runner.model.ops.refresh()
             rows = resolve_configs(self.runner, decode_sizes, prefill_sizes, self.max_model_len)
         self.resolved_configs = rows

@@ -50,10 +50,12 @@ def tune_configs(
     sampler: str = "tpe",
     families: list[str] | None = None,
     cache_path: str | os.PathLike | None = None,
+    storage: str | os.PathLike | None = None,
     timeout_s: float = 60.0,
 ) -> list[dict[str, Any]]:
     """``autotune.tune`` on each distinct (family, dtype, shape) of ``rows`` (of ``families`` only,
-    when given); one row per tuned shape with the winner, its median ms and the vendor baseline's."""
+    when given); one row per tuned shape with the winner, its median ms and the vendor baseline's.
+    ``cache_path``/``storage``: the best-config cache and the Optuna storage (None: autotune's defaults)."""
     import autotune  # Optuna and the worker pool load only when tuning is asked for
 
     if n_trials < 1:
@@ -65,7 +67,7 @@ def tune_configs(
     out = []
     for r in tqdm(list(todo.values()), desc="tune engine shapes", unit="shape"):
         res = autotune.tune(r["family"], r["shape"], r["dtype"], n_trials=n_trials, sampler=sampler,
-                            cache_path=cache_path, timeout_s=timeout_s)
+                            cache_path=cache_path, storage=storage, timeout_s=timeout_s)
         out.append({"family": r["family"], "dtype": r["dtype"], "shape": r["shape"], "config": res.config,
                     "ms": res.ms, "baseline_ms": res.baseline_ms, "trials": res.n_trials})
     return out

@@ -388,7 +388,8 @@ def main(cfg: DictConfig) -> None:
         llm = make_llm(run, ckpt, "triton", cfg, wl)
         llm.warmup(tune_trials=int(cfg.tune.n_trials), sampler=str(cfg.tune.sampler),
                    families=list(cfg.tune.families) if cfg.tune.families else None,
-                   decode_sizes=[int(b) for b in cfg.tune.decode_sizes] if cfg.tune.decode_sizes else None)
+                   decode_sizes=[int(b) for b in cfg.tune.decode_sizes] if cfg.tune.decode_sizes else None,
+                   storage=cfg.tune.storage)
         tuned = pd.DataFrame(llm.tuned_configs).assign(**run.env)
         tuned.to_csv(run.dir / "tuned_configs.csv", index=False)
         run.logger.log_table("tuned_configs", tuned)

@@ -1,5 +1,6 @@
-"""The engine against Hugging Face transformers on the same checkpoints (CPU, float32), and its
-Triton attention against its PyTorch attention.
+"""The engine against Hugging Face transformers on the same checkpoints (CPU, float32), with its
+PyTorch operators and with every operator on a Triton family (the interpreter), and the padded
+decode steps that CUDA graphs replay.
 
 Greedy decoding must give the same tokens as ``LlamaForCausalLM.generate`` token for token, with a
 KV cache small enough that the scheduler preempts and a token budget small enough that it chunks
@@ -32,11 +33,12 @@ def _hf_greedy(model_dir, prompts, max_tokens):
     return out
 
 
-@pytest.mark.parametrize("name", ["tied_old", "llama3"])
-def test_greedy_matches_transformers(name, tmp_path_factory):
+# The Triton run takes the tiny preset's head dim 16 (tied_old), where attention tiles are smallest.
+@pytest.mark.parametrize("name, kernels", [("tied_old", "torch"), ("llama3", "torch"), ("tied_old", "triton")])
+def test_greedy_matches_transformers(name, kernels, tmp_path_factory):
     model_dir = checkpoint(name, tmp_path_factory)
     # 24 blocks of 4 slots hold 96 tokens; the prompts and their outputs need about 260.
-    llm = LLM(model_dir, kernels="torch", block_size=4, num_kv_blocks=24, max_num_seqs=6,
+    llm = LLM(model_dir, kernels=kernels, block_size=4, num_kv_blocks=24, max_num_seqs=6,
               max_num_batched_tokens=16)
     prompts = _prompts(llm.config.vocab_size, PROMPT_LENS)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
@@ -73,20 +75,26 @@ def test_logprobs_match_transformers(tmp_path_factory):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
-def test_triton_attention_matches_torch(tmp_path_factory):
-    """kernels="triton" (the paged attention family, here under Triton's interpreter) gives the same
-    tokens as the PyTorch reference, through decode, chunked prefill and preemption."""
+def test_padded_decode_steps_match_transformers(tmp_path_factory):
+    """Decode steps served as CUDA graphs serve them -- padded to a batch bucket over static buffers,
+    padding rows with slot -1 -- here run eagerly on the CPU through every Triton kernel: same tokens
+    as transformers, through preemption (new block lists) and batches that shrink and regrow."""
     model_dir = checkpoint("llama3", tmp_path_factory)
-    kw = dict(block_size=4, num_kv_blocks=7, max_num_seqs=4, max_num_batched_tokens=8)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    prompts = _prompts(512, [1, 6, 11, 17], seed=2)  # 35 prompt + 24 new tokens, 28 cache slots
-    torch_llm = LLM(model_dir, kernels="torch", **kw)
-    triton_llm = LLM(model_dir, kernels="triton", **kw)
-    expected = [o.token_ids for o in torch_llm.generate(prompts, params, use_tqdm=False)]
-    got = [o.token_ids for o in triton_llm.generate(prompts, params, use_tqdm=False)]
-    assert got == expected
-    stats = triton_llm.scheduler.stats
-    assert stats.partial_prefills > 0 and stats.preemptions > 0, stats
+    llm = LLM(model_dir, kernels="triton", block_size=4, num_kv_blocks=9, max_num_seqs=4, max_num_batched_tokens=8)
+    llm.runner.capture_decode_graphs([1, 2, 4], llm.max_model_len, capture=False)
+    graphs, sizes = llm.runner.graphs, []
+    real_run = graphs.run
+
+    def counting_run(seqs):
+        sizes.append(len(seqs))
+        return real_run(seqs)
+
+    graphs.run = counting_run
+    prompts = _prompts(512, [1, 6, 11, 17], seed=2)  # 35 prompt + 24 new tokens, 36 cache slots
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)
+    assert llm.scheduler.stats.preemptions > 0, llm.scheduler.stats
+    assert 3 in sizes and 1 in sizes, sizes  # a batch padded from 3 to 4, and a batch of one
+    assert [o.token_ids for o in outs] == _hf_greedy(model_dir, prompts, 6)
 
 
 def test_agreement_experiment_smoke(tmp_path):

@@ -1,0 +1,58 @@
+"""The per-kernel breakdown of engine steps (CPU: the interpreter's times, checked for structure and
+for the cost model's counts, not for speed)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine import LLM
+from engine.cuda_graphs import batch_buckets
+from engine.profile import OPERATORS, Step, plot_breakdown, profile_steps
+from engine_checkpoints import checkpoint
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    engine = LLM(checkpoint("llama3", tmp_path_factory), block_size=4, num_kv_blocks=40, max_num_seqs=2,
+                 max_num_batched_tokens=16)
+    engine.runner.capture_decode_graphs(batch_buckets(2), engine.max_model_len, capture=False)
+    return engine
+
+
+def test_breakdown_of_a_prefill_and_a_decode_step(llm, tmp_path):
+    steps = [Step("prefill", 2, 8, 8), Step("decode", 2, 1, 12)]
+    df = profile_steps(llm, steps, ceilings=(1.0, 10.0))
+    c, layers = llm.config, llm.config.num_layers
+    calls = {"rmsnorm": 2 * layers + 1, "qkv_proj": layers, "rope": layers, "kv_store": layers, "attention": layers,
+             "o_proj": layers, "gate_up_proj": layers, "silu_mul": layers, "down_proj": layers, "lm_head": 1}
+    for step, tokens in ((steps[0], 16), (steps[1], 2)):
+        g = df[df["step"] == step.label].set_index("operator")
+        assert list(g.index[: len(OPERATORS)]) == list(OPERATORS)
+        assert g.loc[list(OPERATORS), "calls"].to_dict() == calls
+        assert (g.loc[list(OPERATORS), "ms"] > 0).all()
+        qkv_n = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        assert g.loc["qkv_proj", "flops"] == layers * 2 * tokens * qkv_n * c.hidden_size
+        assert g.loc["lm_head", "flops"] == 2 * step.seqs * c.vocab_size * c.hidden_size  # last token of each sequence
+        assert g.loc["kv_store", "flops"] == 0 and g.loc["kv_store", "bytes"] > 0
+        assert g.loc["kernels", "ms"] == pytest.approx(g.loc[list(OPERATORS), "ms"].sum())
+        assert g.loc[list(OPERATORS), "share"].sum() == pytest.approx(1.0)
+        row = g.loc["gate_up_proj"]
+        roof_ms = max(row["flops"] / 1e9, row["bytes"] / 10e6)  # the ceilings given: 1 TFLOP/s, 10 GB/s
+        assert row["roofline_frac"] == pytest.approx(roof_ms / row["ms"])
+        assert math.isfinite(g.loc["step (eager)", "overhead_ms"])
+    assert "step (graph)" in set(df.loc[df["phase"] == "decode", "operator"])
+    assert "step (graph)" not in set(df.loc[df["phase"] == "prefill", "operator"])
+    png = plot_breakdown(df, tmp_path / "breakdown.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_bad_profile_steps(llm):
+    with pytest.raises(ValueError, match="a decode step feeds 1 token"):
+        profile_steps(llm, [Step("decode", 2, 3, 12)])
+    with pytest.raises(ValueError, match="context_len <= max_model_len=160"):
+        profile_steps(llm, [Step("prefill", 1, 8, 400)])
+    llm.add_request([1, 2, 3])
+    with pytest.raises(ValueError, match="requests are running"):
+        profile_steps(llm, [Step("decode", 1, 1, 8)])
+    llm.abort_all()

@@ -1,0 +1,107 @@
+"""The engine's warm-up (CPU, float32, Triton interpreter): the shape set it resolves is exactly what
+the served steps launch, tuning it writes configs the engine then launches with, and bad settings
+are refused with a message naming them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import autotune
+from engine import LLM, SamplingParams
+from engine.cuda_graphs import batch_buckets
+from engine.ops.triton_ops import FAMILIES
+from engine_checkpoints import checkpoint
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return checkpoint("llama3", tmp_path_factory)
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert batch_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 96, 100]
+    assert batch_buckets(256) == [1, 2, 4, 8, 16, 32, *range(64, 257, 32)]
+
+
+def test_warmup_resolves_every_shape_the_decode_steps_launch(model_dir, tmp_path):
+    cache = tmp_path / "cache.json"  # empty: every config is the family default
+    llm = LLM(model_dir, block_size=4, num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=16,
+              config_cache=cache)
+    rows = llm.resolved_configs
+    assert {r["family"] for r in rows} == set(FAMILIES) and {r["source"] for r in rows} == {"default"}
+    assert {(r["step"], r["seqs"]) for r in rows} == {("decode", 1), ("decode", 2), ("decode", 4), ("prefill", 1)}
+    c = llm.config
+    gemms = {(r["shape"]["M"], r["shape"]["N"]) for r in rows if r["family"] == "gemm" and r["step"] == "decode"}
+    for b in (1, 2, 4):  # QKV, output, gate/up, down projections and the LM head, at M = batch
+        assert {(b, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim), (b, c.hidden_size),
+                (b, 2 * c.intermediate_size), (b, c.vocab_size)} <= gemms
+    attn = [r["shape"] for r in rows if r["family"] == "attention_paged" and r["step"] == "decode"]
+    assert {a["context_len"] for a in attn} == {256} and {a["query_len"] for a in attn} == {1}  # max_model_len 160
+    prefill = [r["shape"] for r in rows if r["family"] == "gemm" and r["step"] == "prefill"]
+    assert {s["M"] for s in prefill} == {16, 1}  # 16 tokens through the projections, 1 row of logits
+
+    # Steps of one token per sequence (prompts of one token) all run padded to a bucket: every shape
+    # they launch was resolved by the warm-up, so serving resolves nothing new.
+    dispatchers = [autotune.tuned(f, cache_path=cache) for f in FAMILIES]
+    before = [set(d.sources) for d in dispatchers]
+    llm.runner.capture_decode_graphs(batch_buckets(4), llm.max_model_len, capture=False)
+    outs = llm.generate([[5], [9], [300]], GREEDY, use_tqdm=False)
+    assert all(len(o.token_ids) == 4 for o in outs)
+    assert [set(d.sources) for d in dispatchers] == before
+
+
+def test_warmup_tunes_the_shape_set(model_dir, tmp_path):
+    cache, storage = tmp_path / "cache.json", tmp_path / "optuna.db"
+    llm = LLM(model_dir, block_size=4, num_kv_blocks=40, max_num_seqs=2, max_num_batched_tokens=8,
+              config_cache=cache)
+    rows = llm.warmup(tune_trials=1, families=["silu_mul"], decode_sizes=[1], prefill_sizes=[8], storage=storage)
+    tuned = llm.tuned_configs
+    assert sorted(t["shape"]["tokens"] for t in tuned) == [1, 8] and all(t["family"] == "silu_mul" for t in tuned)
+    entries = json.loads(cache.read_text())["entries"]
+    assert len(entries) == 2
+    for t in tuned:
+        [row] = [r for r in rows if r["family"] == "silu_mul" and r["shape"] == t["shape"]]
+        assert row["source"] == "exact" and row["config"] == t["config"]
+    assert {r["source"] for r in rows if r["family"] != "silu_mul"} == {"default"}
+    # The engine launches with the tuned configs and still computes the same tokens.
+    reference = LLM(model_dir, kernels="torch", block_size=4, num_kv_blocks=40)
+    prompts = [[7, 8, 9, 10, 11, 12, 13, 14], [40, 41, 42]]
+    want = [o.token_ids for o in reference.generate(prompts, GREEDY, use_tqdm=False)]
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == want
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(kernel_configs="best"), ValueError, "kernel_configs must be one of"),
+        (dict(max_model_len=100_000), ValueError, "max_model_len=100000 exceeds"),
+        (dict(max_model_len=0), ValueError, "max_model_len must be >= 1"),
+        (dict(tune_trials=-1), ValueError, "tune_trials must be an int >= 0"),
+    ],
+)
+def test_bad_engine_settings(model_dir, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LLM(model_dir, num_kv_blocks=8, **kwargs)
+
+
+def test_bad_warmup_calls_and_long_prompts(model_dir):
+    llm = LLM(model_dir, block_size=4, num_kv_blocks=40, max_num_seqs=2, max_model_len=12)
+    assert llm.max_model_len == 12
+    with pytest.raises(ValueError, match="decode_sizes must be ints in 1..2"):
+        llm.warmup(decode_sizes=[3])
+    with pytest.raises(ValueError, match="prefill_sizes must be ints in 1..12"):
+        llm.warmup(prefill_sizes=[0])
+    with pytest.raises(ValueError, match="request 0: prompt has 13 tokens, more than max_model_len=12"):
+        llm.generate([list(range(1, 14))], use_tqdm=False)
+    llm.add_request([1, 2, 3], GREEDY)
+    with pytest.raises(ValueError, match="requests are running"):
+        llm.warmup()
+    llm.abort_all()
+    torch_llm = LLM(model_dir, kernels="torch", num_kv_blocks=8)
+    assert torch_llm.warmup(tune_trials=1) == [] and not torch_llm.uses_cuda_graphs
