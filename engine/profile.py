@@ -19,7 +19,6 @@ and copy GB/s), its fraction of the roofline: max(flops / peak, bytes / bandwidt
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable

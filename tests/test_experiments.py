@@ -218,7 +218,7 @@ def test_bench_engine_app_runs_every_backend(engine_run: Path) -> None:
     assert (sweep["output_tokens"] == sweep["batch"] * 4).all()
     assert (df["wall_s"] > 0).all() and (sweep["ttft_ms"] > 0).all()
     assert df["tokens_per_s"].to_numpy() == pytest.approx((df["output_tokens"] / df["wall_s"]).to_numpy())
-    assert set(df.loc[df["workload"] == "offline", "impl"]) == {"engine-triton", "engine-torch"}
+    assert set(df.loc[df["workload"] == "offline", "impl"]) == {"engine-triton", "engine-torch", "hf"}
     assert {"device", "torch", "triton", "transformers", "date"} <= set(df.columns)
     assert (engine_run / "engine_throughput.png").is_file()
     assert len(wandb_offline_runs(engine_run)) == 1
