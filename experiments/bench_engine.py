@@ -211,10 +211,11 @@ def engine_workloads(run: Run, impl: str, llm: LLM, wl: DictConfig, vocab: int) 
     return rows
 
 
-def make_llm(run: Run, ckpt: Path, backend: str, cfg: DictConfig, wl: DictConfig) -> LLM:
-    """The engine of ``backend`` with the run's settings; max_model_len null: the workloads' longest."""
+def make_llm(run: Run, ckpt: Path, backend: str, cfg: DictConfig, wl: DictConfig, **overrides: Any) -> LLM:
+    """The engine of ``backend`` with the run's settings (and ``overrides``); max_model_len null:
+    the workloads' longest."""
     kernels, configs = ENGINE_BACKENDS[backend]
-    settings = OmegaConf.to_container(cfg.engine, resolve=True)
+    settings = {**OmegaConf.to_container(cfg.engine, resolve=True), **overrides}
     settings["max_model_len"] = settings.get("max_model_len") or max_model_len(wl)
     return LLM(str(ckpt), device=run.device, dtype=torch_dtype(run.dtype), kernels=kernels, kernel_configs=configs,
                config_cache=cfg.config_cache, **settings)
@@ -385,7 +386,9 @@ def main(cfg: DictConfig) -> None:
     vocab = int(model.vocab_size)
 
     if cfg.tune.n_trials:
-        llm = make_llm(run, ckpt, "triton", cfg, wl)
+        # Tuning runs kernels in worker processes, which need device memory: a small KV cache here,
+        # and no graphs (the warm-up that tunes recaptures them, and this engine serves nothing).
+        llm = make_llm(run, ckpt, "triton", cfg, wl, enforce_eager=True, gpu_memory_utilization=0.3)
         llm.warmup(tune_trials=int(cfg.tune.n_trials), sampler=str(cfg.tune.sampler),
                    families=list(cfg.tune.families) if cfg.tune.families else None,
                    decode_sizes=[int(b) for b in cfg.tune.decode_sizes] if cfg.tune.decode_sizes else None,
