@@ -153,7 +153,7 @@ class LLM:
             max_model_len=self.max_model_len,
             eos_token_ids=self.config.eos_token_ids,
         )
-        self._detoks: dict[int, IncrementalDetokenizer] = {}
+        self._detoks: dict[int, IncrementalDetokenizer | None] = {}  # None: SamplingParams.detokenize off
         self._prompt_texts: dict[int, str | None] = {}
         self.last_batch: ScheduledBatch | None = None  # what the latest step ran (benchmarks read it)
         self.resolved_configs: list[dict[str, Any]] = []  # the warm-up's shape set (see engine/warmup.py)
@@ -292,7 +292,8 @@ class LLM:
         return seq
 
     def _queue(self, seq: Sequence, prompt_text: str | None) -> None:
-        self._detoks[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+        self._detoks[seq.seq_id] = (
+            IncrementalDetokenizer(self.tokenizer, seq.token_ids) if seq.params.detokenize else None)
         self._prompt_texts[seq.seq_id] = prompt_text
         self.scheduler.add(seq)
 
@@ -317,9 +318,13 @@ class LLM:
         finished = self.scheduler.postprocess(batch, out.tokens)
         advanced = [seq for seq, token in zip(batch.seqs, out.tokens) if token is not None]
         for seq in advanced:
-            self._detoks[seq.seq_id].add(seq.token_ids[-1])
+            detok = self._detoks[seq.seq_id]
+            if detok is not None:
+                detok.add(seq.token_ids[-1])
         for seq in finished:
-            self._detoks[seq.seq_id].flush()
+            detok = self._detoks[seq.seq_id]
+            if detok is not None:
+                detok.flush()
             self.runner.release(seq)
         return advanced
 
@@ -333,7 +338,7 @@ class LLM:
             prompt=self._prompt_texts.pop(seq.seq_id),
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             token_ids=seq.output_token_ids,
-            text=detok.text,
+            text=detok.text if detok is not None else "",
             finish_reason=seq.finish_reason,
             logprobs=seq.logprobs if seq.params.logprobs else None,
             prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs else None,

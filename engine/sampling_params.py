@@ -15,7 +15,8 @@ class SamplingParams:
     ``ignore_eos``), or on any of ``stop_token_ids``; the stopping token is part of the output.
     ``logprobs`` returns each generated token's log-probability and ``prompt_logprobs`` each
     prompt token's (given the tokens before it), both under the model's distribution before
-    temperature, top-k and top-p.
+    temperature, top-k and top-p. ``detokenize`` False leaves the output's text empty (token ids
+    only, as Hugging Face ``generate`` returns), sparing the host a decode per generated token.
     """
 
     temperature: float = 1.0
@@ -27,6 +28,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     prompt_logprobs: bool = False
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         self.stop_token_ids = tuple(self.stop_token_ids)
@@ -52,6 +54,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        if not isinstance(self.detokenize, bool):
+            raise TypeError(f"SamplingParams.detokenize must be a bool, got {self.detokenize!r}")
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int):
                 raise TypeError(f"SamplingParams.stop_token_ids must hold ints, got {t!r}")

@@ -13,7 +13,8 @@ engine's checkpoint maker under ``checkpoint_root`` (nothing is downloaded). Bac
 - ``torch``: the engine's PyTorch operators, eager (its attention reads lengths on the host);
 - ``hf``: ``AutoModelForCausalLM.generate``, greedy, static batches of left-padded prompts.
 Workloads (``conf/workload``): random token ids, EOS ignored so that every request yields exactly
-its output length, a fixed seed; every engine backend serves the same requests.
+its output length, a fixed seed; every engine backend serves the same requests, and returns token
+ids without decoding them to text (``detokenize=False``), as HF ``generate`` does.
 - ``offline``: ``num_requests`` requests with prompt and output lengths uniform in the ranges,
   all submitted at once; output tokens/s over the wall time. HF generates each batch up to its
   longest request and only the requested tokens count; to bound its time it runs one batch of the
@@ -153,7 +154,8 @@ def serve(llm: LLM, requests: list[Request]) -> Trace:
         now = time.perf_counter() - t0
         while nxt < len(order) and requests[order[nxt]].arrival_s <= now:
             r = requests[order[nxt]]
-            params = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+            # Token ids out, as HF generate gives: no per-token text decoding on either side.
+            params = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False)
             index[llm.add_request(r.prompt, params, index=order[nxt]).seq_id] = order[nxt]
             nxt += 1
         if not llm.has_unfinished():

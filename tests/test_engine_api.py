@@ -65,6 +65,15 @@ def test_seeded_request_ignores_its_batch(model_dir):
     assert alone_llm.generate([prompt], other_seed, use_tqdm=False)[0].token_ids != alone
 
 
+def test_token_ids_without_text(llm):
+    with_text = llm.generate(["The quick brown fox"], GREEDY, use_tqdm=False)[0]
+    ids_only = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, detokenize=False)
+    out = llm.generate(["The quick brown fox"], ids_only, use_tqdm=False)[0]
+    assert out.token_ids == with_text.token_ids and with_text.text and out.text == ""
+    with pytest.raises(TypeError, match="detokenize must be a bool"):
+        SamplingParams(detokenize="no")
+
+
 def test_stop_token_ids(llm):
     prompt = [[5, 80, 200, 31, 7]]
     full = llm.generate(prompt, GREEDY, use_tqdm=False)[0].token_ids
