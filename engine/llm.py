@@ -102,8 +102,10 @@ class LLM:
             num_kv_blocks = _positive_int("num_kv_blocks", num_kv_blocks)
         if max_model_len is not None:
             max_model_len = _positive_int("max_model_len", max_model_len)
-        if isinstance(tune_trials, bool) or not isinstance(tune_trials, int) or tune_trials < 0:
-            raise ValueError(f"LLM: tune_trials must be an int >= 0, got {tune_trials!r}")
+        if isinstance(tune_trials, bool) or not isinstance(tune_trials, int):
+            raise TypeError(f"LLM: tune_trials must be an int, got {tune_trials!r}")
+        if tune_trials < 0:
+            raise ValueError(f"LLM: tune_trials must be >= 0 (0: no tuning), got {tune_trials}")
         if kernels == "triton" and block_size & (block_size - 1):
             raise ValueError(f"LLM: block_size must be a power of two for kernels='triton', got {block_size}")
         if not 0 < gpu_memory_utilization <= 1:

@@ -81,7 +81,8 @@ def test_warmup_tunes_the_shape_set(model_dir, tmp_path):
         (dict(kernel_configs="best"), ValueError, "kernel_configs must be one of"),
         (dict(max_model_len=100_000), ValueError, "max_model_len=100000 exceeds"),
         (dict(max_model_len=0), ValueError, "max_model_len must be >= 1"),
-        (dict(tune_trials=-1), ValueError, "tune_trials must be an int >= 0"),
+        (dict(tune_trials=-1), ValueError, "tune_trials must be >= 0"),
+        (dict(tune_trials=2.0), TypeError, "tune_trials must be an int"),
     ],
 )
 def test_bad_engine_settings(model_dir, kwargs, error, match):
