@@ -1,18 +1,17 @@
 """Timing of one callable, and the device's measured ceilings that rooflines are drawn against.
 
-On a GPU, ``triton.testing.do_bench`` (warm-up, L2 flushed before each run, CUDA events): the
-median and the 20th-80th percentile spread. On the CPU (Triton's interpreter) the wall clock over a
+On a GPU, cold-L2 launches replayed in a CUDA graph (the autotuner's timing, free of host launch
+overhead): the median and the 20th-80th percentile spread. On the CPU (Triton's interpreter) the wall clock over a
 few runs, so the pipeline runs end to end; those numbers time the interpreter, not a kernel.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from autotune.timing import cpu_time, gpu_time
 from kernels.family import torch_dtype
 
 
@@ -31,20 +30,13 @@ class Ceilings:
 
 
 def time_ms(fn: Callable[[], object], device: str, *, cpu_reps: int = 3) -> Timing:
-    """Median and spread of ``fn()``'s run time in ms (see the module docstring for how)."""
+    """Median and spread of ``fn()``'s run time in ms, timed as the autotuner times (autotune/timing.py)."""
     if device == "cuda":
-        import triton.testing
-
-        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return Timing(float(med), float(p80 - p20))
-    fn()  # compile / warm up
-    times = []
-    for _ in range(cpu_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-    return Timing(statistics.median(times), q[3] - q[0])
+        med, p20, p80 = gpu_time(fn)
+    else:
+        fn()  # compile / warm up
+        med, p20, p80 = cpu_time(fn, cpu_reps)
+    return Timing(med, p80 - p20)
 
 
 def measure_ceilings(device: str, dtype: str) -> Ceilings:
