@@ -370,6 +370,27 @@ def offline_figure(df: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
+def bench_engine_backend(run: Run, name: str, ckpt: Path, cfg: DictConfig, wl: DictConfig, vocab: int,
+                         ceilings: Ceilings, rows: list[dict], failed: list[str]) -> float:
+    """Append the engine backend ``name``'s rows to ``rows`` (and for ``triton`` write the kernel
+    breakdown; a failure there is recorded in ``failed`` and keeps the rows). Returns the decode
+    step's weight-streaming floor in ms."""
+    llm = make_llm(run, ckpt, name, cfg, wl)
+    floor_ms = llm.runner.model.weights.decode_bytes() / (ceilings.gbps * 1e6)
+    sources = config_sources(llm)
+    # Prefill kernels compile here (token counts with and without a multiple of 16).
+    llm.generate([[1] * 8, [1] * 13], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    new = engine_workloads(run, f"engine-{name}", llm, wl, vocab)
+    rows += [{**r, "config_sources": sources, "cuda_graphs": llm.uses_cuda_graphs} for r in new]
+    if name == "triton" and cfg.profile.enabled:
+        try:
+            run.logger.log_table("kernel_breakdown", profile(run, llm, cfg, ceilings))
+        except Exception:
+            traceback.print_exc()
+            failed.append("triton (kernel breakdown)")
+    return floor_ms
+
+
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -412,25 +433,13 @@ def main(cfg: DictConfig) -> None:
         t0 = time.perf_counter()
         try:
             if name == "hf":
-                hf = HFGenerate(run, ckpt)
-                rows += hf_workloads(run, hf, wl, vocab, [int(b) for b in cfg.hf.batch_sizes])
-                del hf
+                rows += hf_workloads(run, HFGenerate(run, ckpt), wl, vocab, [int(b) for b in cfg.hf.batch_sizes])
             else:
-                llm = make_llm(run, ckpt, name, cfg, wl)
-                floor_ms = llm.runner.model.weights.decode_bytes() / (ceilings.gbps * 1e6)
-                sources = config_sources(llm)
-                # Prefill kernels compile here (token counts with and without a multiple of 16).
-                llm.generate([[1] * 8, [1] * 13], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
-                new = engine_workloads(run, f"engine-{name}", llm, wl, vocab)
-                rows += [{**r, "config_sources": sources, "cuda_graphs": llm.uses_cuda_graphs} for r in new]
-                if name == "triton" and cfg.profile.enabled:
-                    breakdown = profile(run, llm, cfg, ceilings)
-                    run.logger.log_table("kernel_breakdown", breakdown)
-                del llm
+                floor_ms = bench_engine_backend(run, name, ckpt, cfg, wl, vocab, ceilings, rows, failed)
         except Exception:  # one broken backend must not cost the others' numbers (a GPU run is dear)
             traceback.print_exc()
             failed.append(name)
-        _free()
+        _free()  # the backend's model and caches go before the next one loads
         print(f"bench_engine: {name} took {time.perf_counter() - t0:.1f} s")
     for r in rows:
         r.update(ceiling_tflops=ceilings.tflops, ceiling_gbps=ceilings.gbps)
