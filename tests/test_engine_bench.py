@@ -59,7 +59,7 @@ def test_every_backend_on_every_workload(run_dir: Path):
 
 def test_targets_breakdown_figures_and_wandb(run_dir: Path):
     goals = pd.read_csv(run_dir / "targets.csv")
-    assert len(goals) == 3 and np.isfinite(goals["measured"]).all()
+    assert len(goals) == 4 and np.isfinite(goals["measured"]).all()
     step1 = goals[goals["target"].str.startswith("batch-1")].iloc[0]
     assert step1["measured"] == pytest.approx(step1["step_ms"] / step1["floor_ms"])
     kb = pd.read_csv(run_dir / "kernel_breakdown.csv")
