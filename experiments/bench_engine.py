@@ -25,11 +25,13 @@ ids without decoding them to text (``detokenize=False``), as HF ``generate`` doe
   decode, TTFT p50, median over ``repeats``. HF: (wall - wall of a 1-token run) / (output_len - 1);
 - ``online`` (engine): Poisson arrivals at each rate, served through ``add_request``/``step``:
   TTFT, TPOT and inter-token latency at p50 and p99.
-Besides results.csv and the figures of :mod:`experiments.plots`, the run writes the device's
-ceilings and the targets (targets.csv: offline speedup over HF, batch-1 decode step over the
-weight-streaming floor = decode weight bytes / copy bandwidth, tuned Triton against PyTorch on every
-workload) and the per-kernel breakdown of a prefill and a decode step of the ``triton`` backend
-(kernel_breakdown.csv and .png, :mod:`engine.profile`), all logged to W&B too.
+Besides results.csv and the figures of :mod:`experiments.plots` (plus engine_offline.png), the run
+writes the device's ceilings and the targets (targets.csv: offline speedup over HF, tuned over
+default-config Triton, batch-1 decode step over the weight-streaming floor = decode weight bytes /
+copy bandwidth, tuned Triton against PyTorch on every workload) and the per-kernel breakdown of a
+prefill and a decode step of the ``triton`` backend (kernel_breakdown.csv and .png,
+:mod:`engine.profile`), all logged to W&B too. ``tune.n_trials`` > 0 first tunes the triton
+backend's shape set (the engine's warm-up, ``autotune.tune`` per shape) into the config cache.
 """
 from __future__ import annotations
 
