@@ -91,16 +91,29 @@ class GemmFamily(Family):
         return None
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
-        """Tiles that measured well on Hopper for each regime, shrunk until valid for the shape."""
+        """A heuristic from the H200 tuning runs (results/tune_suite_nvidia_h200.csv), shrunk until valid.
+
+        M > 64: 128x256x64 tiles, 8 warps, grouped order. M <= 64 (decode and small batches) is
+        bound by streaming B, so what matters is enough programs to keep every SM loading: the
+        widest N tile that still gives about one tile per SM, and when even 32-wide tiles give too
+        few (small N), K split across programs until they do -- the structure of every small-M
+        winner of those runs.
+        """
         M, N, K = _dims(shape)
         space = self.space(shape, dtype)
-        if M <= 16:
-            want = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=3)
-        elif M <= 64:
-            want = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+        if M > 64:
+            cfg: Config = dict(variant="tiled", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_K=1,
+                               num_warps=8, num_stages=3)
         else:
-            want = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
-        cfg: Config = dict(variant="tiled", GROUP_M=8 if M > 64 else 1, SPLIT_K=1, **want)
+            sms = device_facts().num_sms
+            bm = 16 if M <= 16 else 64
+            rows = -(-M // bm)
+            bn = next((b for b in (256, 128, 64) if rows * -(-N // b) >= 0.8 * sms), 32)
+            split = 1
+            while rows * -(-N // bn) * split < 0.8 * sms and split < 8 and K // (2 * split) >= 512:
+                split *= 2
+            cfg = dict(variant="splitk" if split > 1 else "tiled", BLOCK_M=bm, BLOCK_N=bn,
+                       BLOCK_K=256 if bn <= 64 else 128, GROUP_M=1, SPLIT_K=split, num_warps=4, num_stages=4)
         for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
             cfg[key] = max(c for c in space[key] if c <= cfg[key]) if min(space[key]) <= cfg[key] else min(space[key])
         # Shrink what the shape or device cannot hold: pipeline depth, then the deepest tile.
