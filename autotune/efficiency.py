@@ -131,7 +131,7 @@ def trials_to(curve: list[float], best: float, level: float) -> float:
     return math.nan
 
 
-def _plot(curves: pd.DataFrame, path: Path) -> None:
+def _plot(curves: pd.DataFrame, path: Path, title: str) -> None:
     shapes = list(dict.fromkeys(curves["shape"]))
     cols = min(3, len(shapes))
     rows = math.ceil(len(shapes) / cols)
@@ -150,6 +150,7 @@ def _plot(curves: pd.DataFrame, path: Path) -> None:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(shapes):]:
         ax.set_visible(False)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -240,7 +241,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     summary.to_csv(out / f"{name}_summary.csv", index=False)
     pd.concat([t.assign(shape=k, config=[json.dumps(c, sort_keys=True) for c in t["config"]]).drop(columns="key")
                for k, t in tables.items()]).assign(**stamp).to_csv(out / f"{name}_exhaustive.csv", index=False)
-    _plot(pd.DataFrame(curves), out / f"{name}_best_so_far.png")
+    curves_df = pd.DataFrame(curves)
+    curves_df.to_csv(out / f"{name}_curves.csv", index=False)  # so the figure can be redrawn
+    _plot(curves_df, out / f"{name}_best_so_far.png",
+          f"{family.name} {args.dtype}: best so far per sampler (mean over seeds) -- {facts.name}, {stamp['date'][:10]}")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(summary.drop(columns=list(stamp)).set_index("sampler").T.to_string(float_format=lambda x: f"{x:.3g}"))
     print(f"wrote {out / (name + '_runs.csv')}, {name}_summary.csv, {name}_exhaustive.csv and {name}_best_so_far.png")
