@@ -27,12 +27,10 @@ device's best-config cache (``results/cache/<device>.json``, what tuned dispatch
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import contextlib
 import datetime as dt
 import json
 import math
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -44,6 +42,7 @@ import torch
 import kernels
 from autotune import cache
 from experiments.measure import measure_ceilings, time_ms
+from experiments.suite import precompile
 from kernels.device import default_device, device_facts
 from kernels.family import Family, rel_error
 from kernels.generator import template_hash
@@ -88,31 +87,6 @@ def compile_shape(fam: Family, shape: dict) -> dict:
     if fam.name == "attention_prefill":
         return {**shape, "batch": 1, "seqlen": min(shape["seqlen"], 1024)}
     return {**shape, "batch": 1}
-
-
-def _compile_one(job: tuple[str, dict, str, dict]) -> str | None:
-    """Run one candidate once on a compile shape (fills Triton's disk cache); the error or None."""
-    name, shape, dtype, cfg = job
-    try:
-        fam = kernels.get_family(name)
-        fam.run(fam.make_inputs(shape, dtype, default_device()), cfg)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return None
-    except Exception as e:  # a candidate that fails to compile is reported, never fatal
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
-
-
-def precompile(jobs: list[tuple[str, dict, str, dict]], workers: int) -> list[str | None]:
-    """Compile the distinct jobs in a spawn pool (CUDA forbids fork); each job's error or None."""
-    keys = [json.dumps(j, sort_keys=True) for j in jobs]
-    unique = dict(zip(keys, jobs))
-    if workers <= 1:
-        errors = {k: _compile_one(j) for k, j in unique.items()}
-    else:
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            errors = dict(zip(unique, pool.map(_compile_one, unique.values())))
-    return [errors[k] for k in keys]
 
 
 def _backend(name: str | None) -> contextlib.AbstractContextManager:
@@ -183,7 +157,6 @@ def run_point(fam: Family, kind: str, shape: dict, dtype: str, cfgs: list[dict],
     for r in rows:
         for name, ms in base.items():
             r[f"speedup_vs_{name}"] = ms / r["ms"]
-    del inputs, ref
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows

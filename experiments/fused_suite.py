@@ -16,14 +16,10 @@ Writes one CSV (a row per (op, tokens, kind)) with device, versions and date, an
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import datetime as dt
 import functools
 import json
 import math
-import multiprocessing as mp
 import os
-import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,6 +32,7 @@ from kernels import kv_store as kvs
 from kernels import rmsnorm as rms
 from kernels import rope as rp
 from kernels import silu_mul as sm
+from experiments.suite import bench, candidates, copy_bandwidth_gbps, precompile, run_meta
 from kernels.device import default_device, device_facts
 from kernels.family import Family, rel_error
 
@@ -84,74 +81,6 @@ def torch_calls(name: str, inputs: dict, compile_: bool) -> dict[str, Callable[[
     if compile_:
         calls["torch_compile"] = functools.partial(torch.compile(fn, dynamic=False), *args, **kwargs)
     return calls
-
-
-def candidates(fam: Family, shape: dict, dtype: str, cap: int, seed: int) -> list[dict]:
-    """The default config, then up to ``cap`` valid configs drawn evenly across structural variants."""
-    rng = random.Random(seed)
-    by_variant: dict[str, list[dict]] = {}
-    for cfg in fam.configs(shape, dtype):
-        by_variant.setdefault(str(cfg.get("variant", "")), []).append(cfg)
-    for group in by_variant.values():
-        rng.shuffle(group)
-    picked = [fam.default_config(shape, dtype)]
-    while len(picked) < cap + 1 and any(by_variant.values()):
-        for group in by_variant.values():
-            if group and len(picked) < cap + 1:
-                cfg = group.pop()
-                if cfg not in picked:
-                    picked.append(cfg)
-    return picked
-
-
-def _compile_one(job: tuple[str, dict, str, dict]) -> str | None:
-    """Compile and run one candidate once (fills Triton's cache); the error text or None."""
-    name, shape, dtype, cfg = job
-    try:
-        fam = kernels.get_family(name)
-        fam.run(fam.make_inputs(shape, dtype, default_device()), cfg)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return None
-    except Exception as e:  # a candidate that fails to compile is reported, never fatal
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-
-
-def precompile(jobs: list[tuple[str, dict, str, dict]], workers: int) -> dict[int, str]:
-    """Compile every job in a spawn pool (CUDA forbids fork); index -> error for those that failed."""
-    if workers <= 1:
-        return {i: e for i, job in enumerate(jobs) if (e := _compile_one(job)) is not None}
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        return {i: e for i, e in enumerate(pool.map(_compile_one, jobs, chunksize=2)) if e is not None}
-
-
-def bench(fn: Callable[[], object], quick: bool) -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile) ms of ``fn``: do_bench on a GPU, wall clock on the CPU."""
-    if torch.cuda.is_available():
-        import triton.testing
-
-        q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return float(q[0]), float(q[1]), float(q[2])
-    fn()
-    times = []
-    for _ in range(3 if quick else 5):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return times[len(times) // 2], times[0], times[-1]
-
-
-def copy_bandwidth_gbps() -> float:
-    """Device-to-device copy rate (bytes read + written): the memory roofline of this run."""
-    if not torch.cuda.is_available():
-        return float("nan")
-    import triton.testing
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / ms / 1e6
 
 
 def check(fam: Family, inputs: dict, ref: torch.Tensor, config: dict | None) -> float:
@@ -203,19 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{sum(len(c) for *_, c in plan)} candidates over {len(plan)} (op, tokens) points, "
           f"{len(jobs)} distinct variants; compiling with {args.workers if on_gpu else 1} worker(s)")
     errors = precompile(jobs, args.workers if on_gpu else 1)
-    failed = {(jobs[i][0], json.dumps(jobs[i][3], sort_keys=True)) for i in errors}
+    failed = {(j[0], json.dumps(j[3], sort_keys=True)) for j, e in zip(jobs, errors) if e}
     print(f"compiled in {time.time() - start:.0f}s, {len(failed)} failed")
-    for err in sorted(set(errors.values()))[:3]:
+    for err in sorted({e for e in errors if e})[:3]:
         print("  e.g.", err)
     copy_gbps = copy_bandwidth_gbps()
-    meta = {
-        "device": facts.name,
-        "capability": ".".join(map(str, facts.capability)),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "date": dt.date.today().isoformat(),
-        "copy_GBps": copy_gbps,
-    }
+    meta = run_meta(facts, copy_gbps)
 
     rows = []
     for op, fam, shape, cfgs in plan:

@@ -14,13 +14,9 @@ pool of processes so that the timing loop hits Triton's disk cache. Writes one C
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import datetime as dt
 import json
 import math
-import multiprocessing as mp
 import os
-import random
 import time
 from pathlib import Path
 
@@ -28,7 +24,7 @@ import pandas as pd
 import torch
 
 import kernels
-from autotune.timing import cpu_time, gpu_time
+from experiments.suite import bench, candidates, copy_bandwidth_gbps, precompile, run_meta
 from kernels.device import default_device, device_facts
 from kernels.family import rel_error
 
@@ -38,73 +34,6 @@ SUITE = [{"M": m, "N": n, "K": k} for m in (1, 16, 64, 256, 1024, 4096) for n, k
     {"M": 8192, "N": 8192, "K": 8192},
 ]
 QUICK = [{"M": 1, "N": 64, "K": 96}, {"M": 40, "N": 96, "K": 128}]
-
-
-def candidates(fam, shape: dict, dtype: str, cap: int, seed: int) -> list[dict]:
-    """The default config, then up to ``cap`` valid configs drawn evenly across structural variants."""
-    rng = random.Random(seed)
-    by_variant: dict[str, list[dict]] = {}
-    for cfg in fam.configs(shape, dtype):
-        by_variant.setdefault(cfg["variant"], []).append(cfg)
-    for group in by_variant.values():
-        rng.shuffle(group)
-    picked = [fam.default_config(shape, dtype)]
-    while len(picked) < cap + 1 and any(by_variant.values()):
-        for group in by_variant.values():
-            if group and len(picked) < cap + 1:
-                cfg = group.pop()
-                if cfg not in picked:
-                    picked.append(cfg)
-    return picked
-
-
-def _compile_one(job: tuple[dict, str, dict]) -> str | None:
-    """Compile and run one candidate once (fills Triton's cache); the error text or None."""
-    shape, dtype, cfg = job
-    try:
-        fam = kernels.get_family("gemm")
-        inputs = fam.make_inputs(shape, dtype, default_device())
-        fam.run(inputs, cfg)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return None
-    except Exception as e:  # a candidate that fails to compile is reported, never fatal
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-
-
-def precompile(jobs: list[tuple[dict, str, dict]], workers: int) -> dict[int, str]:
-    """Compile every job in a spawn pool (CUDA forbids fork); index -> error for those that failed."""
-    errors: dict[int, str] = {}
-    if workers <= 1:
-        for i, job in enumerate(jobs):
-            if (err := _compile_one(job)) is not None:
-                errors[i] = err
-        return errors
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        for i, err in enumerate(pool.map(_compile_one, jobs, chunksize=4)):
-            if err is not None:
-                errors[i] = err
-    return errors
-
-
-def bench(fn, quick: bool) -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile) ms of ``fn``: cold-L2 CUDA-graph replays on a GPU (the
-    autotuner's timing, free of host launch overhead), wall clock on the CPU."""
-    if torch.cuda.is_available():
-        return gpu_time(fn)
-    return cpu_time(fn, 3 if quick else 5)
-
-
-def copy_bandwidth_gbps() -> float:
-    """Device-to-device copy rate (bytes read + written), the memory roofline of this run."""
-    if not torch.cuda.is_available():
-        return float("nan")
-    import triton.testing
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / ms / 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,23 +68,16 @@ def main(argv: list[str] | None = None) -> int:
                 for d in dtypes for s in shapes]
     else:
         plan = [(s, d, candidates(fam, s, d, args.cap, args.seed)) for d in dtypes for s in shapes]
-    jobs = [(s, d, c) for s, d, cfgs in plan for c in cfgs]
+    jobs = [("gemm", s, d, c) for s, d, cfgs in plan for c in cfgs]
     print(f"{len(jobs)} candidates over {len(plan)} (shape, dtype) points; compiling with {args.workers} workers")
     errors = precompile(jobs, args.workers if torch.cuda.is_available() else 1)
-    failed = {(json.dumps(jobs[i][0]), jobs[i][1], json.dumps(jobs[i][2], sort_keys=True)): e for i, e in errors.items()}
+    failed = {(json.dumps(j[1]), j[2], json.dumps(j[3], sort_keys=True)): e for j, e in zip(jobs, errors) if e}
     print(f"compiled in {time.time() - start:.0f}s, {len(failed)} failed")
     for err in sorted(set(failed.values()))[:3]:
         print("  e.g.", err)
     copy_gbps = copy_bandwidth_gbps()
 
-    meta = {
-        "device": facts.name,
-        "capability": ".".join(map(str, facts.capability)),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "date": dt.date.today().isoformat(),
-        "copy_GBps": copy_gbps,
-    }
+    meta = run_meta(facts, copy_gbps)
     rows = []
     for shape, dtype, cfgs in plan:
         inputs = fam.make_inputs(shape, dtype, device, seed=1)
