@@ -15,6 +15,9 @@ from transformers import AutoModelForCausalLM
 from engine import LLM, SamplingParams
 from engine_checkpoints import checkpoint
 
+# The engine picks the CPU and float32 here, like the transformers reference it is compared with.
+pytestmark = pytest.mark.cpu_only
+
 PROMPT_LENS = [1, 2, 4, 7, 11, 15, 19, 23, 27, 30]
 MAX_TOKENS = 12
 
