@@ -67,6 +67,20 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
 
 
+def occupancy_reject(tile: int, num_warps: int, max_per_thread: int, what: str) -> str | None:
+    """Why a program of ``num_warps`` warps cannot hold a ``tile``-element tile well, or None.
+
+    More than ``max_per_thread`` values a thread spill registers; fewer values than threads leave
+    threads idle. ``what`` names the tile in the reason (e.g. "a 4x2048 tile").
+    """
+    threads = 32 * num_warps
+    if tile > max_per_thread * threads:
+        return f"{what} is {tile // threads} values per thread with {num_warps} warps"
+    if tile < threads:
+        return f"{num_warps} warps for {what} leave threads idle"
+    return None
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())

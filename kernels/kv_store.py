@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from kernels import checks
-from kernels.family import Config, Family, Shape, dtype_name, next_pow2, torch_dtype
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, occupancy_reject, torch_dtype
 
 MAX_ELEMENTS_PER_THREAD = 32  # values of one token's k tile (and as many of v) per thread
 
@@ -51,12 +51,7 @@ class KVStoreFamily(Family):
     def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
         _, H, D, _, _, _ = _dims(shape)
         tile = next_pow2(H) * next_pow2(D)
-        threads = 32 * config["num_warps"]
-        if tile > MAX_ELEMENTS_PER_THREAD * threads:
-            return f"a {H}x{D} tile is {tile // threads} values per thread with {config['num_warps']} warps"
-        if tile < threads:
-            return f"{config['num_warps']} warps for a {H}x{D} tile leave threads idle"
-        return None
+        return occupancy_reject(tile, config["num_warps"], MAX_ELEMENTS_PER_THREAD, f"a {H}x{D} tile")
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
         """One token per program, 8 values of k and 8 of v per thread."""

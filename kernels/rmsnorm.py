@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kernels import checks
-from kernels.family import Config, Family, Shape, dtype_name, next_pow2, tolerance, torch_dtype
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, occupancy_reject, tolerance, torch_dtype
 
 VARIANTS = ("row", "chunked")
 CHUNKS = (64, 128, 256, 512, 1024, 2048, 4096)  # chunked variant: columns per chunk
@@ -63,12 +63,8 @@ class RMSNormFamily(Family):
         if config["variant"] == "chunked" and config["BLOCK_H"] >= full:
             return f"the chunked variant needs BLOCK_H below the padded row {full}"
         tile = config["ROWS"] * config["BLOCK_H"]
-        threads = 32 * config["num_warps"]
-        if tile > MAX_ELEMENTS_PER_THREAD * threads:
-            return f"a {config['ROWS']}x{config['BLOCK_H']} tile is {tile // threads} values per thread"
-        if tile < threads:
-            return f"{config['num_warps']} warps for a {tile}-element tile leave threads idle"
-        return None
+        return occupancy_reject(tile, config["num_warps"], MAX_ELEMENTS_PER_THREAD,
+                                f"a {config['ROWS']}x{config['BLOCK_H']} tile")
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
         """A whole row in registers with 16 values per thread, several rows when rows are short."""

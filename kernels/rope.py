@@ -19,7 +19,9 @@ from typing import Any, Callable
 import torch
 
 from kernels import checks
-from kernels.family import DTYPES, Config, Family, Shape, dtype_name, next_pow2, tolerance, torch_dtype
+from kernels.family import (
+    Config, DTYPES, Family, Shape, dtype_name, next_pow2, occupancy_reject, tolerance, torch_dtype,
+)
 
 MAX_ELEMENTS_PER_THREAD = 32  # float32 values of one head group's two halves per thread
 CACHE_POSITIONS = 4096  # make_inputs: rows of the cos/sin cache
@@ -128,12 +130,8 @@ class RopeFamily(Family):
     def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
         _, _, _, D = _dims(shape)
         tile = config["HEAD_BLOCK"] * next_pow2(D // 2) * 2  # both halves of HEAD_BLOCK heads
-        threads = 32 * config["num_warps"]
-        if tile > MAX_ELEMENTS_PER_THREAD * threads:
-            return f"{config['HEAD_BLOCK']} heads of {D} are {tile // threads} values per thread"
-        if tile < threads:
-            return f"{config['num_warps']} warps for {config['HEAD_BLOCK']} heads of {D} leave threads idle"
-        return None
+        return occupancy_reject(tile, config["num_warps"], MAX_ELEMENTS_PER_THREAD,
+                                f"{config['HEAD_BLOCK']} heads of {D}")
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
         """All heads of a kind in one program (cos and sin loaded once), 16 values per thread."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import checks
-from kernels.family import Config, Family, Shape, dtype_name, next_pow2, tolerance, torch_dtype
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, occupancy_reject, tolerance, torch_dtype
 
 MAX_ELEMENTS_PER_THREAD = 32  # output values per thread (each with a gate and an up value in float32)
 
@@ -50,12 +50,8 @@ class SiluMulFamily(Family):
 
     def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
         tile = config["ROWS"] * config["BLOCK_I"]
-        threads = 32 * config["num_warps"]
-        if tile > MAX_ELEMENTS_PER_THREAD * threads:
-            return f"a {config['ROWS']}x{config['BLOCK_I']} tile is {tile // threads} outputs per thread"
-        if tile < threads:
-            return f"{config['num_warps']} warps for a {tile}-element tile leave threads idle"
-        return None
+        return occupancy_reject(tile, config["num_warps"], MAX_ELEMENTS_PER_THREAD,
+                                f"a {config['ROWS']}x{config['BLOCK_I']} tile")
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
         """1024-column tiles of one row, 8 outputs per thread (16-byte loads in half precision)."""
