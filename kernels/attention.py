@@ -17,10 +17,8 @@ kernels/attention_paged.py.
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -132,24 +130,6 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-@functools.lru_cache(maxsize=4096)
-def _launcher(family: str, shape_items: tuple, dtype: str, config_json: str | None) -> Callable[..., None]:
-    """The emitted module's ``launch`` for one (family, shape, dtype, config), validated once."""
-    fam = kernels.get_family(family)
-    shape = dict(shape_items)
-    config = fam.default_config(shape, dtype) if config_json is None else json.loads(config_json)
-    fam.check_config(shape, dtype, config)
-    return fam.module(shape, dtype, config).launch
-
-
-def _config_key(fn: str, config: Any) -> str | None:
-    if config is None:
-        return None
-    if not isinstance(config, dict):
-        raise TypeError(f"{fn}: config must be a dict or None, got {type(config).__name__}")
-    return json.dumps(config, sort_keys=True)
-
-
 # --- prefill --------------------------------------------------------------------------------------
 def prefill_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                   *, causal: bool = True) -> Shape:
@@ -200,7 +180,6 @@ def prefill(
     fn = "prefill"
     shape = prefill_shape(q, k, v, cu_seqlens, max_seqlen, causal=causal)
     scale = _scale(fn, sm_scale, q.shape[2])
-    key = _config_key(fn, config)
     out = _out(fn, out, q)
     T = q.shape[0]
     if check_values and not _capturing(q):
@@ -213,7 +192,7 @@ def prefill(
         ], [])
     if T == 0:
         return out
-    launch = _launcher("attention_prefill", tuple(sorted(shape.items())), dtype_name(q.dtype), key)
+    launch = kernels.get_family("attention_prefill").resolve(shape, dtype_name(q.dtype), config)[1].launch
     target = _unit_last(out)
     launch(_unit_last(q), _unit_last(k), _unit_last(v), cu_seqlens, target, max_seqlen, scale)
     if target is not out:
@@ -329,7 +308,6 @@ def paged(
     fn = "paged"
     shape = _paged_structure(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q)
     scale = _scale(fn, sm_scale, q.shape[2])
-    key = _config_key(fn, config)
     out = _out(fn, out, q)
     longest = block_tables.shape[1] * shape["block_size"]
     if check_values and not _capturing(q):
@@ -341,7 +319,7 @@ def paged(
     # The default config (split count, tile) depends on the context only through its power-of-two
     # bucket, so that a context growing by one token per step does not create a launcher per step.
     shape["context_len"] = next_pow2(max(longest, shape["query_len"]))
-    launch = _launcher("attention_paged", tuple(sorted(shape.items())), dtype_name(q.dtype), key)
+    launch = kernels.get_family("attention_paged").resolve(shape, dtype_name(q.dtype), config)[1].launch
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     target = _unit_last(out)

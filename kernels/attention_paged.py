@@ -25,7 +25,7 @@ import torch
 from kernels import attention
 from kernels.attention_prefill import MAX_FP32_REGS, head_dim_pad, nearest_config, sdpa_reference
 from kernels.device import device_facts
-from kernels.family import Config, Family, Shape, next_pow2, torch_dtype
+from kernels.family import Config, Family, Shape, next_pow2, positive_dims, torch_dtype
 
 _KEYS = ("batch", "query_len", "context_len", "heads_q", "heads_kv", "head_dim", "block_size")
 _MAX_ACC_REGS = 192  # float32 accumulator + score registers per thread before spilling
@@ -38,12 +38,7 @@ def _elt(dtype: str) -> int:
 
 def _dims(shape: Shape) -> tuple[int, int, int, int, int, int, int]:
     """(batch, query_len, context_len, Hq, Hkv, D, block_size) of a shape dict, checked."""
-    missing = [k for k in _KEYS if k not in shape]
-    if missing:
-        raise ValueError(f"attention_paged shape needs keys {list(_KEYS)}; missing {missing} in {shape}")
-    B, lq, lc, hq, hkv, d, bs = (int(shape[k]) for k in _KEYS)
-    if min(B, lq, lc, hq, hkv, d, bs) < 1:
-        raise ValueError(f"attention_paged shape dimensions must be positive, got {shape}")
+    B, lq, lc, hq, hkv, d, bs = positive_dims("attention_paged", shape, _KEYS)
     if lq > lc:
         raise ValueError(f"attention_paged: query_len {lq} exceeds context_len {lc}")
     if hq % hkv:

@@ -20,7 +20,7 @@ import torch
 
 from kernels import attention
 from kernels.device import device_facts, interpreting
-from kernels.family import Config, Family, Shape, next_pow2, torch_dtype
+from kernels.family import Config, Family, Shape, next_pow2, positive_dims, torch_dtype
 
 _KEYS = ("batch", "seqlen", "heads_q", "heads_kv", "head_dim", "causal")
 # A thread holds the float32 accumulator [BLOCK_M, D] and score tile [BLOCK_M, BLOCK_N]; beyond
@@ -37,12 +37,9 @@ def _elt(dtype: str) -> int:
 
 def _dims(shape: Shape) -> tuple[int, int, int, int, int, bool]:
     """(batch, seqlen, Hq, Hkv, D, causal) of a shape dict, checked."""
-    missing = [k for k in _KEYS if k not in shape]
-    if missing:
-        raise ValueError(f"attention_prefill shape needs keys {list(_KEYS)}; missing {missing} in {shape}")
-    B, L, hq, hkv, d = (int(shape[k]) for k in _KEYS[:5])
-    if min(B, L, hq, hkv, d) < 1:
-        raise ValueError(f"attention_prefill shape dimensions must be positive, got {shape}")
+    if "causal" not in shape:
+        raise ValueError(f"attention_prefill shape needs keys {list(_KEYS)}; missing ['causal'] in {shape}")
+    B, L, hq, hkv, d = positive_dims("attention_prefill", shape, _KEYS[:5])
     if hq % hkv:
         raise ValueError(f"attention_prefill: heads_q={hq} is not a multiple of heads_kv={hkv}")
     if d > attention.MAX_HEAD_DIM:

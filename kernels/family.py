@@ -13,6 +13,7 @@ import functools
 import itertools
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
@@ -65,6 +66,17 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out64).all():
         return math.inf
     return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+
+def positive_dims(family: str, shape: Shape, keys: tuple[str, ...]) -> tuple[int, ...]:
+    """The integer values of ``keys`` in ``shape``; ``ValueError`` naming a missing or non-positive one."""
+    missing = [k for k in keys if k not in shape]
+    if missing:
+        raise ValueError(f"{family} shape needs keys {list(keys)}; missing {missing} in {shape}")
+    dims = tuple(int(shape[k]) for k in keys)
+    if min(dims) < 1:
+        raise ValueError(f"{family} shape dimensions must be positive, got {shape}")
+    return dims
 
 
 def occupancy_reject(tile: int, num_warps: int, max_per_thread: int, what: str) -> str | None:
@@ -168,6 +180,32 @@ class Family(abc.ABC):
     def module(self, shape: Shape, dtype: str, config: Config):
         """The compiled (imported) module of that variant, cached on disk and in memory."""
         return generator.load(self, self.facts(shape, dtype, config))
+
+    @functools.cached_property
+    def _resolved(self) -> dict[tuple, tuple[Config, ModuleType]]:
+        return {}
+
+    def resolve(self, shape: Shape, dtype: str, config: Config | None) -> tuple[Config, ModuleType]:
+        """(config, emitted module) of a launch; ``config`` None means the default config.
+
+        Validated and loaded once per (shape, dtype, config), then answered from a memo: this is on
+        every direct call's path. Callers pass the shape facts that select a variant (a GEMM's M, not
+        an elementwise op's token count), so the memo holds a few entries per operator.
+        """
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"{self.name}: config must be a dict or None, got {type(config).__name__}")
+        try:
+            key = (tuple(sorted(shape.items())), dtype, None if config is None else tuple(sorted(config.items())))
+            hit = self._resolved.get(key)
+        except TypeError:  # an unhashable value is no candidate: check_config below names it
+            key, hit = None, None
+        if hit is None:
+            cfg = self.default_config(shape, dtype) if config is None else dict(config)
+            self.check_config(shape, dtype, cfg)
+            hit = (cfg, self.module(shape, dtype, cfg))
+            if key is not None:
+                self._resolved[key] = hit
+        return hit
 
     # --- running ------------------------------------------------------------------------------
     @abc.abstractmethod

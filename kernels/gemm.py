@@ -13,13 +13,12 @@ weight, as in a linear layer, which is how the engine calls it.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from kernels.device import device_facts, interpreting
-from kernels.family import Config, Family, Shape, dtype_name, next_pow2, torch_dtype
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, positive_dims, torch_dtype
 
 VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent")
 _INT32_MAX = 2**31 - 1
@@ -30,13 +29,7 @@ def _elt(dtype: str) -> int:
 
 
 def _dims(shape: Shape) -> tuple[int, int, int]:
-    try:
-        M, N, K = (int(shape[k]) for k in ("M", "N", "K"))
-    except KeyError as e:
-        raise ValueError(f"gemm shape needs keys M, N and K; {e.args[0]!r} is missing from {shape}") from None
-    if min(M, N, K) < 1:
-        raise ValueError(f"gemm shape dimensions must be positive, got {shape}")
-    return M, N, K
+    return positive_dims("gemm", shape, ("M", "N", "K"))
 
 
 class GemmFamily(Family):
@@ -210,15 +203,6 @@ def _b_transposed(b: torch.Tensor) -> bool:
     return b.stride(0) == 1 and b.stride(1) != 1
 
 
-@functools.lru_cache(maxsize=4096)
-def _launcher(M: int, N: int, K: int, b_trans: bool, dtype: str, config_items: tuple | None):
-    """The emitted module's ``launch`` for one (shape, dtype, config), validated once."""
-    shape = {"M": M, "N": N, "K": K, "b_transposed": b_trans}
-    config = FAMILY.default_config(shape, dtype) if config_items is None else dict(config_items)
-    FAMILY.check_config(shape, dtype, config)
-    return FAMILY.module(shape, dtype, config).launch, config["variant"].startswith("tma")
-
-
 def matmul(
     a: torch.Tensor, b: torch.Tensor, *, config: Config | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -253,12 +237,9 @@ def matmul(
     if K == 0:
         return out.zero_()
     b_trans = _b_transposed(b)
-    try:
-        key = None if config is None else tuple(sorted(config.items()))
-        launch, tma = _launcher(M, N, K, b_trans, dtype, key)
-    except TypeError as e:  # an unhashable value cannot be a candidate of any key
-        raise ValueError(f"matmul: config has an invalid value: {e}") from None
-    if tma:
+    resolved, module = FAMILY.resolve({"M": M, "N": N, "K": K, "b_transposed": b_trans}, dtype, config)
+    launch = module.launch
+    if resolved["variant"].startswith("tma"):
         # Tensor descriptors need a unit stride in the last dim: only the layouts the variant names.
         a = a if a.stride(1) == 1 else a.contiguous()
         b = b if (b_trans or b.stride(1) == 1) else b.contiguous()

@@ -11,27 +11,21 @@ padding. The template is ``kernels/templates/kv_store.py.j2``.
 """
 from __future__ import annotations
 
-import functools
-import json
 from typing import Any, Callable
 
 import torch
 
 from kernels import checks
-from kernels.family import Config, Family, Shape, dtype_name, next_pow2, occupancy_reject, torch_dtype
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, occupancy_reject, positive_dims, torch_dtype
 
 MAX_ELEMENTS_PER_THREAD = 32  # values of one token's k tile (and as many of v) per thread
 
 
 def _dims(shape: Shape) -> tuple[int, int, int, int, int, int]:
-    keys = ("tokens", "heads_kv", "head_dim", "block_size", "num_blocks")
-    try:
-        T, H, D, B, N = (int(shape[k]) for k in keys)
-    except KeyError as e:
-        raise ValueError(f"kv_store shape needs keys {', '.join(keys)}; {e.args[0]!r} is missing from {shape}") from None
+    T, H, D, B, N = positive_dims("kv_store", shape, ("tokens", "heads_kv", "head_dim", "block_size", "num_blocks"))
     padded = int(shape.get("padded", 0))
-    if min(T, H, D, B, N) < 1 or not 0 <= padded <= T:
-        raise ValueError(f"kv_store shape dimensions must be positive and padded in [0, tokens], got {shape}")
+    if not 0 <= padded <= T:
+        raise ValueError(f"kv_store shape's padded must be in [0, tokens], got {shape}")
     if T - padded > N * B:
         raise ValueError(f"kv_store: {T - padded} tokens do not fit {N} blocks of {B} slots")
     return T, H, D, B, N, padded
@@ -172,15 +166,6 @@ def kv_store_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.view(N * B, H, D).index_copy_(0, slot_mapping.long(), v)
 
 
-@functools.lru_cache(maxsize=1024)
-def _launcher(heads_kv: int, head_dim: int, block_size: int, dtype: str, config_json: str | None):
-    """The emitted module's ``launch`` for one (heads, head dim, block size, dtype, config), validated once."""
-    shape = {"tokens": 1, "heads_kv": heads_kv, "head_dim": head_dim, "block_size": block_size, "num_blocks": 1}
-    config = FAMILY.default_config(shape, dtype) if config_json is None else json.loads(config_json)
-    FAMILY.check_config(shape, dtype, config)
-    return FAMILY.module(shape, dtype, config).launch
-
-
 def kv_store(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -223,5 +208,6 @@ def kv_store(
     if slot_mapping.device.type == "cpu" and int(slot_mapping.max()) >= N * B:
         raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is past the cache's {N * B} slots "
                          f"({N} blocks of {B})")
-    key = None if config is None else json.dumps(config, sort_keys=True)
-    _launcher(H, D, B, dtype_name(k.dtype), key)(k, v, k_cache, v_cache, slot_mapping.contiguous())
+    # Token and block counts are no shape facts of the variant: one memo entry serves them all.
+    shape = {"tokens": 1, "heads_kv": H, "head_dim": D, "block_size": B, "num_blocks": 1}
+    FAMILY.resolve(shape, dtype_name(k.dtype), config)[1].launch(k, v, k_cache, v_cache, slot_mapping.contiguous())

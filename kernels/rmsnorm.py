@@ -13,14 +13,12 @@ for hidden sizes too wide for one register tile. Shape dicts are ``{"tokens", "h
 """
 from __future__ import annotations
 
-import functools
-import json
 from typing import Any
 
 import torch
 
 from kernels import checks
-from kernels.family import Config, Family, Shape, dtype_name, next_pow2, occupancy_reject, tolerance, torch_dtype
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, occupancy_reject, positive_dims, tolerance, torch_dtype
 
 VARIANTS = ("row", "chunked")
 CHUNKS = (64, 128, 256, 512, 1024, 2048, 4096)  # chunked variant: columns per chunk
@@ -29,12 +27,7 @@ EPS = 1e-5  # make_inputs' epsilon (Llama 3 uses 1e-5)
 
 
 def _dims(shape: Shape) -> tuple[int, int, bool]:
-    try:
-        T, H = int(shape["tokens"]), int(shape["hidden"])
-    except KeyError as e:
-        raise ValueError(f"rmsnorm shape needs keys tokens, hidden and residual; {e.args[0]!r} is missing from {shape}") from None
-    if T < 1 or H < 1:
-        raise ValueError(f"rmsnorm shape dimensions must be positive, got {shape}")
+    T, H = positive_dims("rmsnorm", shape, ("tokens", "hidden"))
     return T, H, bool(shape.get("residual", False))
 
 
@@ -175,15 +168,6 @@ def rmsnorm_torch(
     return y if residual is None else (y, h)
 
 
-@functools.lru_cache(maxsize=1024)
-def _launcher(hidden: int, residual: bool, dtype: str, config_json: str | None):
-    """The emitted module's ``launch`` for one (hidden size, residual, dtype, config), validated once."""
-    shape = {"tokens": 1, "hidden": hidden, "residual": residual}
-    config = FAMILY.default_config(shape, dtype) if config_json is None else json.loads(config_json)
-    FAMILY.check_config(shape, dtype, config)
-    return FAMILY.module(shape, dtype, config).launch
-
-
 def rmsnorm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -230,8 +214,9 @@ def rmsnorm(
         checks.unit_last_stride(fn, name, t)
     checks.same_device(fn, **tensors)
     if T > 0:
-        key = None if config is None else json.dumps(config, sort_keys=True)
-        launch = _launcher(H, residual is not None, dtype_name(x.dtype), key)
+        # The token count is no shape fact of the variant: one memo entry serves every T.
+        shape = {"tokens": 1, "hidden": H, "residual": residual is not None}
+        launch = FAMILY.resolve(shape, dtype_name(x.dtype), config)[1].launch
         if residual is None:
             launch(x, weight, out, float(eps))
         else:

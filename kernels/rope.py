@@ -12,7 +12,6 @@ Shape dicts are ``{"tokens", "heads_q", "heads_kv", "head_dim"}``; the template 
 from __future__ import annotations
 
 import functools
-import json
 import math
 from typing import Any, Callable
 
@@ -20,7 +19,7 @@ import torch
 
 from kernels import checks
 from kernels.family import (
-    Config, DTYPES, Family, Shape, dtype_name, next_pow2, occupancy_reject, tolerance, torch_dtype,
+    Config, DTYPES, Family, Shape, dtype_name, next_pow2, occupancy_reject, positive_dims, tolerance, torch_dtype,
 )
 
 MAX_ELEMENTS_PER_THREAD = 32  # float32 values of one head group's two halves per thread
@@ -31,12 +30,7 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
 
 
 def _dims(shape: Shape) -> tuple[int, int, int, int]:
-    try:
-        T, Hq, Hkv, D = (int(shape[k]) for k in ("tokens", "heads_q", "heads_kv", "head_dim"))
-    except KeyError as e:
-        raise ValueError(f"rope shape needs keys tokens, heads_q, heads_kv and head_dim; {e.args[0]!r} is missing from {shape}") from None
-    if min(T, Hq, Hkv, D) < 1:
-        raise ValueError(f"rope shape dimensions must be positive, got {shape}")
+    T, Hq, Hkv, D = positive_dims("rope", shape, ("tokens", "heads_q", "heads_kv", "head_dim"))
     if D % 2:
         raise ValueError(f"rope: head_dim must be even (the two halves are rotated together), got {D}")
     return T, Hq, Hkv, D
@@ -253,15 +247,6 @@ def rope_torch(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> tuple
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-@functools.lru_cache(maxsize=1024)
-def _launcher(heads_q: int, heads_kv: int, head_dim: int, dtype: str, config_json: str | None):
-    """The emitted module's ``launch`` for one (head counts, head dim, dtype, config), validated once."""
-    shape = {"tokens": 1, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim}
-    config = FAMILY.default_config(shape, dtype) if config_json is None else json.loads(config_json)
-    FAMILY.check_config(shape, dtype, config)
-    return FAMILY.module(shape, dtype, config).launch
-
-
 def rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -308,6 +293,6 @@ def rope(
         if lo < 0 or hi >= cos_sin_cache.shape[0]:
             raise ValueError(f"rope: positions span [{lo}, {hi}] but the cache has {cos_sin_cache.shape[0]} rows")
     if T > 0:
-        key = None if config is None else json.dumps(config, sort_keys=True)
-        _launcher(Hq, k.shape[1], D, dtype_name(q.dtype), key)(q, k, positions, cos_sin_cache)
+        shape = {"tokens": 1, "heads_q": Hq, "heads_kv": k.shape[1], "head_dim": D}  # any T: one entry
+        FAMILY.resolve(shape, dtype_name(q.dtype), config)[1].launch(q, k, positions, cos_sin_cache)
     return q, k

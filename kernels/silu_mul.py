@@ -10,27 +10,19 @@ Shape dicts are ``{"tokens", "intermediate"}``; the template is ``kernels/templa
 """
 from __future__ import annotations
 
-import functools
-import json
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kernels import checks
-from kernels.family import Config, Family, Shape, dtype_name, next_pow2, occupancy_reject, tolerance, torch_dtype
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, occupancy_reject, positive_dims, tolerance, torch_dtype
 
 MAX_ELEMENTS_PER_THREAD = 32  # output values per thread (each with a gate and an up value in float32)
 
 
 def _dims(shape: Shape) -> tuple[int, int]:
-    try:
-        T, I = int(shape["tokens"]), int(shape["intermediate"])
-    except KeyError as e:
-        raise ValueError(f"silu_mul shape needs keys tokens and intermediate; {e.args[0]!r} is missing from {shape}") from None
-    if T < 1 or I < 1:
-        raise ValueError(f"silu_mul shape dimensions must be positive, got {shape}")
-    return T, I
+    return positive_dims("silu_mul", shape, ("tokens", "intermediate"))
 
 
 class SiluMulFamily(Family):
@@ -129,15 +121,6 @@ def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@functools.lru_cache(maxsize=1024)
-def _launcher(intermediate: int, dtype: str, config_json: str | None):
-    """The emitted module's ``launch`` for one (intermediate size, dtype, config), validated once."""
-    shape = {"tokens": 1, "intermediate": intermediate}
-    config = FAMILY.default_config(shape, dtype) if config_json is None else json.loads(config_json)
-    FAMILY.check_config(shape, dtype, config)
-    return FAMILY.module(shape, dtype, config).launch
-
-
 def silu_mul(gate_up: torch.Tensor, *, config: Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for gate_up [T, 2I] = [gate | up]; returns out [T, I] in gate_up's dtype.
 
@@ -162,6 +145,6 @@ def silu_mul(gate_up: torch.Tensor, *, config: Config | None = None, out: torch.
     for name, t in (("gate_up", gate_up), ("out", out)):
         checks.unit_last_stride(fn, name, t)
     if T > 0 and I > 0:
-        key = None if config is None else json.dumps(config, sort_keys=True)
-        _launcher(I, dtype_name(gate_up.dtype), key)(gate_up, out)
+        shape = {"tokens": 1, "intermediate": I}  # any token count: one memo entry
+        FAMILY.resolve(shape, dtype_name(gate_up.dtype), config)[1].launch(gate_up, out)
     return out
