@@ -38,7 +38,7 @@ def _elt(dtype: str) -> int:
 def _dims(shape: Shape) -> tuple[int, int, int, int, int, bool]:
     """(batch, seqlen, Hq, Hkv, D, causal) of a shape dict, checked."""
     if "causal" not in shape:
-        raise ValueError(f"attention_prefill shape needs keys {list(_KEYS)}; missing ['causal'] in {shape}")
+        raise ValueError(f"attention_prefill shape needs keys {list(_KEYS)}; 'causal' is missing from {shape}")
     B, L, hq, hkv, d = positive_dims("attention_prefill", shape, _KEYS[:5])
     if hq % hkv:
         raise ValueError(f"attention_prefill: heads_q={hq} is not a multiple of heads_kv={hkv}")

@@ -72,7 +72,7 @@ def positive_dims(family: str, shape: Shape, keys: tuple[str, ...]) -> tuple[int
     """The integer values of ``keys`` in ``shape``; ``ValueError`` naming a missing or non-positive one."""
     missing = [k for k in keys if k not in shape]
     if missing:
-        raise ValueError(f"{family} shape needs keys {list(keys)}; missing {missing} in {shape}")
+        raise ValueError(f"{family} shape needs keys {list(keys)}; {', '.join(map(repr, missing))} is missing from {shape}")
     dims = tuple(int(shape[k]) for k in keys)
     if min(dims) < 1:
         raise ValueError(f"{family} shape dimensions must be positive, got {shape}")
