@@ -28,12 +28,17 @@ def parse_shape(text: str) -> dict:
     return shape
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.emit", description=__doc__.split("\n")[0])
+def add_variant_arguments(parser: argparse.ArgumentParser, dtype: str) -> None:
+    """The arguments that name one variant: family, shape, dtype (default ``dtype``) and config."""
     parser.add_argument("family", choices=kernels.family_names())
     parser.add_argument("--shape", required=True, help="comma-separated KEY=VALUE, e.g. M=64,N=4096,K=4096")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--dtype", default=dtype, choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--config", help="config as JSON (default: the family's default config)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.emit", description=__doc__.split("\n")[0])
+    add_variant_arguments(parser, "float16")
     parser.add_argument("--list-configs", action="store_true", help="print every valid config instead")
     parser.add_argument("-o", "--output", help="write the source here instead of stdout")
     args = parser.parse_args(argv)

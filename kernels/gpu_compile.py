@@ -24,7 +24,7 @@ from typing import Iterator
 
 import kernels
 from kernels.device import interpreting
-from kernels.emit import parse_shape
+from kernels.emit import add_variant_arguments, parse_shape
 from kernels.family import Config, Family, Shape
 
 
@@ -73,10 +73,7 @@ def check(fam: Family, shape: Shape, dtype: str, config: Config, arch: int = 90)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.gpu_compile", description=__doc__.split("\n")[0])
-    parser.add_argument("family", choices=kernels.family_names())
-    parser.add_argument("--shape", required=True, help="comma-separated KEY=VALUE")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--config", help="config as JSON (default: the family's default config)")
+    add_variant_arguments(parser, "bfloat16")
     parser.add_argument("--all-configs", action="store_true", help="every valid config, not only one")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an int (90: Hopper)")
     args = parser.parse_args(argv)
