@@ -2,6 +2,7 @@
 
     python -m experiments.attention_suite                  # the GPU suite (about 6 minutes on an H100)
     python -m experiments.attention_suite --quick          # tiny shapes, runs on the CPU interpreter
+    python -m experiments.attention_suite --suites decode  # only the paged decode points
 
 Points:
 - prefill (attention_prefill), H 32, equal lengths: D128 causal B4 L4096 (the headline), D128
@@ -183,8 +184,10 @@ def report_targets(df: pd.DataFrame) -> list[str]:
     """Issue 4's targets against the best configs of this run, one line each."""
     lines = []
     best = df[df["kind"] == "best"]
-    head = best[(best["suite"] == "prefill") & (best["batch"] == 4) & (best["seqlen"] == 4096)
-                & (best["head_dim"] == 128) & (best["causal"] == True)]  # noqa: E712 (pandas mask)
+    prefill = best[best["suite"] == "prefill"]
+    head = prefill if prefill.empty else prefill[
+        (prefill["batch"] == 4) & (prefill["seqlen"] == 4096) & (prefill["head_dim"] == 128)
+        & (prefill["causal"] == True)]  # noqa: E712 (pandas mask)
     for r in head.itertuples():
         for name, want in (("sdpa_flash", 1.3), ("sdpa_cudnn", 0.85)):
             got = getattr(r, f"speedup_vs_{name}", math.nan)
@@ -209,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--out", help="CSV path (default results/attention_suite_<device>.csv)")
     parser.add_argument("--no-cache", action="store_true", help="do not merge the winners into the device's cache")
+    parser.add_argument("--suites", default="prefill,decode", help="comma-separated subset of prefill,decode")
     args = parser.parse_args(argv)
+    suites = {s.strip() for s in args.suites.split(",") if s.strip()}
+    if not suites or not suites <= {"prefill", "decode"}:
+        parser.error(f"--suites takes prefill and/or decode, got {args.suites!r}")
 
     start = time.time()
     device = default_device()
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     prefill, paged = kernels.get_family("attention_prefill"), kernels.get_family("attention_paged")
     points = [("prefill", prefill, s, PREFILL_BASELINES) for s in (QUICK_PREFILL if args.quick else PREFILL)]
     points += [("decode", paged, s, DECODE_BASELINES) for s in (QUICK_DECODE if args.quick else DECODE)]
+    points = [p for p in points if p[0] in suites]
     plan = [(kind, fam, s, base, candidates(fam, s, dtype, cap)) for kind, fam, s, base in points]
     jobs = [(fam.name, compile_shape(fam, s), dtype, c) for _, fam, s, _, cfgs in plan for c in cfgs]
     workers = args.workers if device.type == "cuda" else 1
