@@ -8,17 +8,19 @@ the partials back and writes the output, then sets the counter back to 0. A laun
 every counter at zero, ready for the next one, which is what lets the same buffer serve every
 launch and every CUDA-graph replay without a memset.
 
-One buffer per device, shared by every stream: CUDA-graph capture runs on a side stream and must
-find the buffer that the eager warm-up allocated. Kernels using it must therefore not run
-concurrently on two streams (the workbench launches every kernel on one stream at a time).
+One buffer per (device, stream): kernels on one stream run one after another, so they never share
+a counter while both are in flight; two streams get two buffers.
 """
 from __future__ import annotations
 
 import torch
 
 MIN_COUNTERS = 1 << 16  # 256 KiB of int32: more tiles than any launch of the suites and the engine
-_BUFFERS: dict[str, torch.Tensor] = {}
-_OUTGROWN: list[torch.Tensor] = []  # replaced buffers stay allocated: captured graphs still point at them
+_BUFFERS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _stream_id(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def arrival_counters(device: torch.device | str, n: int) -> torch.Tensor:
@@ -31,14 +33,12 @@ def arrival_counters(device: torch.device | str, n: int) -> torch.Tensor:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = str(device)
+    key = (str(device), _stream_id(device))
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"arrival counters for {n} tiles on {device} were not allocated before CUDA-graph "
                                "capture; launch the kernel once eagerly before capturing it")
-        if buf is not None:
-            _OUTGROWN.append(buf)
         buf = torch.zeros(max(n, MIN_COUNTERS, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.int32,
                           device=device)
         _BUFFERS[key] = buf
