@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import kernels
-from kernels.counters import arrival_counters
 from kernels.family import rel_error
 from kernels.gemm import FAMILY, matmul
 
@@ -34,19 +33,6 @@ def test_any_strides(dtype: str, device) -> None:
         _check(a, w.t(), dtype, device, next(c for c in configs if c["variant"] == variant))
 
 
-def test_splitk_last_arrival_reduces_and_leaves_counters_at_zero(device) -> None:
-    """Split-K sums its slices in the kernel (the last program of a tile to arrive): back-to-back
-    launches of different tile counts are right and leave every arrival counter at zero."""
-    g = torch.Generator().manual_seed(5)
-    for m, n, k, split in ((1, 96, 256, 4), (37, 64, 200, 2), (1, 96, 256, 8)):
-        a = torch.randn(m, k, generator=g).to(device, torch.float16)
-        w = torch.randn(n, k, generator=g).to(device, torch.float16)
-        cfg = {"variant": "splitk", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "SPLIT_K": split,
-               "num_warps": 4, "num_stages": 2}
-        _check(a, w.t(), "float16", device, cfg)
-    assert int(arrival_counters(device, 1).count_nonzero()) == 0
-
-
 def test_tma_variant_copies_unsupported_layouts(device) -> None:
     g = torch.Generator().manual_seed(4)
     a = torch.randn(32, 64, generator=g).to(device, torch.float16).t().contiguous().t()  # column-major
@@ -63,7 +49,7 @@ def test_even_k_drops_the_k_mask() -> None:
     ragged = FAMILY.emit({"M": 16, "N": 32, "K": 70}, "float16", cfg)
     assert "k_left" not in even
     assert "k_left" in ragged
-    assert "arrival_counters" not in even and "GROUP_M > 1" not in even
+    assert "splitk_reduce_kernel" not in even and "GROUP_M > 1" not in even
 
 
 def test_structural_variants_emit_their_own_code() -> None:
@@ -73,7 +59,7 @@ def test_structural_variants_emit_their_own_code() -> None:
         by_variant.setdefault(cfg["variant"], cfg)
     assert set(by_variant) >= {"tiled", "splitk", "persistent"}
     src = {v: FAMILY.emit(shape, "float16", c) for v, c in by_variant.items()}
-    assert "arrival_counters" in src["splitk"] and "arrival_counters" not in src["tiled"]
+    assert "splitk_reduce_kernel" in src["splitk"] and "splitk_reduce_kernel" not in src["tiled"]
     assert "tl.num_programs(0)" in src["persistent"] and "tl.num_programs(0)" not in src["tiled"]
 
 
