@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", help="MxNxK,... instead of the suite")
     parser.add_argument("--configs", help="JSON list of configs to time (with the default) instead of sampling")
     parser.add_argument("--b-row-major", action="store_true", help="B as a row-major [K, N] matrix, not a weight view")
+    parser.add_argument("--every-config", action="store_true",
+                        help="also write a row (kind 'config') for every candidate timed, not only the best")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 bad += 1
                 continue
             timed.append((bench(lambda: fam.run(inputs, cfg), args.quick), cfg))
+        if args.every_config:
+            rows += [row("config", cfg, t) for t, cfg in timed]
         default_cfg = cfgs[0]
         default_t = next((t for t, c in timed if c == default_cfg), None)
         if default_t is not None:

@@ -5,7 +5,9 @@ Structural variants (the categorical parameter ``variant``):
 - ``splitk``: K cut into SPLIT_K slices computed by separate programs, then summed by a second
   kernel (more parallelism for small M x N with a long K);
 - ``persistent``: about one program per SM, each looping over tiles;
-- ``tma`` and ``tma_persistent`` (Hopper, and the interpreter): tiles moved by tensor descriptors.
+- ``tma`` and ``tma_persistent`` (Hopper, and the interpreter): tiles moved by tensor descriptors;
+- ``tma_persistent_subtile``: ``tma_persistent`` storing C in two half-tiles, so the epilogue's
+  shared-memory staging buffer is half a tile and a deeper pipeline fits.
 
 The template is ``kernels/templates/gemm.py.j2``. Shape dicts are ``{"M", "N", "K"}`` with an
 optional ``"b_transposed"`` (bool, default True): B is a transposed view of a row-major [N, K]
@@ -20,7 +22,7 @@ import torch
 from kernels.device import device_facts, interpreting
 from kernels.family import Config, Family, Shape, dtype_name, next_pow2, positive_dims, torch_dtype
 
-VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent")
+VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent", "tma_persistent_subtile")
 _INT32_MAX = 2**31 - 1
 
 
@@ -75,7 +77,8 @@ class GemmFamily(Family):
             return f"{warps} warps for a {bm}x{bn} tile leave threads idle"
         smem = stages * (bm * bk + bk * bn) * elt
         if v.startswith("tma"):
-            smem += bm * bn * elt  # the epilogue tile staged for the TMA store
+            # The epilogue tile (half of it with subtiling) staged for the TMA store.
+            smem += bm * bn * elt // (2 if v == "tma_persistent_subtile" else 1)
             if (K * elt) % 16 or (N * elt) % 16:
                 return "TMA needs rows of A, B and C aligned to 16 bytes"
         limit = device_facts().smem_per_block

@@ -151,3 +151,16 @@ def test_emit_command(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "kernels.emit", "gemm", "--shape", "M=1,N=64"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "K" in bad.stderr
+
+
+def test_subtiled_epilogue_stores_both_halves(device) -> None:
+    """tma_persistent_subtile writes C as two half-tiles: both halves (and ragged edges) land."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(40, 64, generator=g).to(device, torch.float16)
+    w = torch.randn(72, 64, generator=g).to(device, torch.float16)  # N = 72: the last tile is ragged
+    cfg = {"variant": "tma_persistent_subtile", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 1,
+           "SPLIT_K": 1, "num_warps": 4, "num_stages": 2}
+    FAMILY.check_config(FAMILY.shape_from_call(a, w.t()), "float16", cfg)
+    _check(a, w.t(), "float16", device, cfg)
+    src = FAMILY.emit(FAMILY.shape_from_call(a, w.t()), "float16", cfg)
+    assert "tl.split" in src and "BLOCK_N.value // 2" in src
