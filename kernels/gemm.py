@@ -30,6 +30,11 @@ def _elt(dtype: str) -> int:
     return torch.empty((), dtype=torch_dtype(dtype)).element_size()
 
 
+def _tma_misaligned(N: int, K: int, dtype: str) -> bool:
+    """Whether rows of A [M, K], B and C [M, N] miss the 16-byte alignment tensor descriptors need."""
+    return bool((K * _elt(dtype)) % 16 or (N * _elt(dtype)) % 16)
+
+
 def _dims(shape: Shape) -> tuple[int, int, int]:
     return positive_dims("gemm", shape, ("M", "N", "K"))
 
@@ -79,7 +84,7 @@ class GemmFamily(Family):
         if v.startswith("tma"):
             # The epilogue tile (half of it with subtiling) staged for the TMA store.
             smem += bm * bn * elt // (2 if v == "tma_persistent_subtile" else 1)
-            if (K * elt) % 16 or (N * elt) % 16:
+            if _tma_misaligned(N, K, dtype):
                 return "TMA needs rows of A, B and C aligned to 16 bytes"
         limit = device_facts().smem_per_block
         if smem > limit:
@@ -89,17 +94,29 @@ class GemmFamily(Family):
     def default_config(self, shape: Shape, dtype: str) -> Config:
         """A heuristic from the H200 tuning runs (results/tune_suite_nvidia_h200.csv), shrunk until valid.
 
-        M > 64: 128x256x64 tiles, 8 warps, grouped order. M <= 64 (decode and small batches) is
-        bound by streaming B, so what matters is enough programs to keep every SM loading: the
-        widest N tile that still gives about one tile per SM, and when even 32-wide tiles give too
-        few (small N), K split across programs until they do -- the structure of every small-M
-        winner of those runs.
+        M > 64 on Hopper, rows of A, B and C aligned for TMA: ``tma_persistent_subtile`` (the
+        fixed-config comparison results/gemm_subtile_ab_nvidia_h200.csv: 0.79-1.02x cuBLAS where the
+        pointer variants reach 0.42-0.89x), 128x256x64 with 8 warps and 4 stages when those tiles
+        fill the last wave of programs to 90% or more, else 128x128x64 with 4 warps and 5 stages
+        (twice the tiles: a wave of 1.45 becomes 2.9). Elsewhere for M > 64: 128x256x64 tiles, 8
+        warps, grouped order. M <= 64 (decode and small batches) is bound by streaming B, so what
+        matters is enough programs to keep every SM loading: the widest N tile that still gives about
+        one tile per SM, and when even 32-wide tiles give too few (small N), K split across programs
+        until they do -- the structure of every small-M winner of results/tune_suite_nvidia_h200.csv.
         """
         M, N, K = _dims(shape)
         space = self.space(shape, dtype)
-        if M > 64:
-            cfg: Config = dict(variant="tiled", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_K=1,
-                               num_warps=8, num_stages=3)
+        facts = device_facts()
+        if M > 64 and facts.capability >= (9, 0) and not _tma_misaligned(N, K, dtype):
+            tiles = -(-M // 128) * -(-N // 256)
+            last_wave_full = tiles / (-(-tiles // facts.num_sms) * facts.num_sms)
+            cfg: Config = dict(variant="tma_persistent_subtile", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8,
+                               SPLIT_K=1, num_warps=8, num_stages=4)
+            if last_wave_full < 0.9:
+                cfg.update(BLOCK_N=128, num_warps=4, num_stages=5)
+        elif M > 64:
+            cfg = dict(variant="tiled", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_K=1,
+                       num_warps=8, num_stages=3)
         else:
             sms = device_facts().num_sms
             bm = 16 if M <= 16 else 64
