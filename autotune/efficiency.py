@@ -3,6 +3,8 @@
     python -m autotune.efficiency --family gemm --dtype float16        # CPU: tiny shapes, ~1 minute
     python -m autotune.efficiency --family gemm --dtype bfloat16 --shapes suite:1,9,16,24 \\
         --max-configs 250 --seeds 5 --trials-per-seed 50                 # GPU: four suite shapes
+    python -m autotune.efficiency --table results/efficiency/gemm_bfloat16_nvidia_h200_exhaustive.csv \\
+        --seeds 5 --trials-per-seed 40                                   # any machine: replay a measured run
 
 Method. For each shape, the ``exhaustive`` sampler measures every valid config once through the
 real pipeline (:func:`autotune.tune`: worker processes, correctness gate, timing); with
@@ -46,7 +48,7 @@ from autotune.search import make_sampler, run_search  # noqa: E402
 from autotune.space import Config, SearchSpace, config_key  # noqa: E402
 from autotune.tune_suite import GEMM_SUITE  # noqa: E402
 from autotune.tuner import _version, warm_configs  # noqa: E402
-from kernels.device import device_facts  # noqa: E402
+from kernels.device import device_facts, device_key  # noqa: E402
 from kernels.family import Family  # noqa: E402
 
 LEVELS = (0.97, 0.99)
@@ -116,8 +118,10 @@ def replay(family: Family, shape: dict, dtype: str, table: pd.DataFrame, sampler
     def reject(config: Config) -> str | None:
         return family.reject(shape, dtype, config) or (None if config_key(config) in measured else "not measured")
 
-    run_search(study, SearchSpace(family.space(shape, dtype)), valid, reject, min(budget, len(valid)), ev,
-               warm=warm, seed=seed)
+    # The samplers search the family's space less the values no measured config has (a variant added
+    # to the family after the table was measured, say): such values could only ever be rejected.
+    space = {k: [v for v in values if any(c[k] == v for c in valid)] for k, values in family.space(shape, dtype).items()}
+    run_search(study, SearchSpace(space), valid, reject, min(budget, len(valid)), ev, warm=warm, seed=seed)
     return ev.curve
 
 
@@ -169,11 +173,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--time-limit-min", type=float, default=9.0,
                         help="measure no new shape after this many minutes (a rerun resumes)")
     parser.add_argument("--out", default=None, help="folder for the tables and the plot (default results/efficiency)")
+    parser.add_argument("--table", default=None,
+                        help="replay the samplers against an earlier run's <name>_exhaustive.csv instead of measuring "
+                             "(any machine; family, dtype, shapes and device come from the table)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+    measured = load_table(Path(args.table)) if args.table else None
+    if measured is not None:
+        args.family, args.dtype = measured["family"], measured["dtype"]
     family = families.resolve(args.family)
-    shapes = parse_shapes(args.shapes, family)
+    shapes = measured["shapes"] if measured is not None else parse_shapes(args.shapes, family)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     for s in samplers:
         if s not in SAMPLERS:
@@ -185,16 +195,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             print("scipy is not installed: skipping the gp sampler")
             samplers.remove("gp")
     facts = device_facts()
-    name = f"{family.name}_{args.dtype}_{facts.key}"
-    out = Path(args.out) if args.out else results_dir() / "efficiency"
+    device_name, dev_key = (measured["device"], device_key(measured["device"])) if measured is not None else (facts.name, facts.key)
+    name = f"{family.name}_{args.dtype}_{dev_key}"
+    # A replay writes next to the working files unless told otherwise: it must not overwrite the
+    # measured run's report by accident.
+    default_out = results_dir() / "runs" / "efficiency_replay" if measured is not None else results_dir() / "efficiency"
+    out = Path(args.out) if args.out else default_out
     out.mkdir(parents=True, exist_ok=True)
     # The exhaustive studies and their cache entries are working files: git-ignored places by default.
     storage = str(out / f"efficiency_{name}.db") if args.out else str(results_dir() / f"efficiency_{name}.db")
     scratch = out if args.out else results_dir() / "runs" / "efficiency"
     scratch.mkdir(parents=True, exist_ok=True)
 
-    tables, start = {}, time.perf_counter()
-    for shape in shapes:
+    tables, start = (dict(measured["tables"]) if measured is not None else {}), time.perf_counter()
+    for shape in shapes if measured is None else []:
         if time.perf_counter() - start > args.time_limit_min * 60:
             print(f"time limit reached after measuring {len(tables)} of {len(shapes)} shapes; rerun the same "
                   "command to measure the rest (measured configs are kept) and write the report")
@@ -207,7 +221,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         best = table.loc[table["ms"].idxmin()]
         winners[cache.entry_key(family.name, args.dtype, shape)] = {
             "family": family.name, "dtype": args.dtype, "shape": shape, "config": best["config"],
-            "device_key": facts.key}
+            "device_key": dev_key}
 
     runs, curves = [], []
     for shape in shapes:
@@ -233,8 +247,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     curves.append({"shape": skey, "sampler": sampler, "seed": seed, "trial": i, "n_configs": n,
                                    "fraction_of_best": best_ms / so_far})
 
-    stamp = {"family": family.name, "dtype": args.dtype, "device": facts.name, "torch": _version("torch"),
-             "triton": _version("triton"), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if measured is not None:  # the measurements' provenance, and when they were replayed
+        stamp = {"family": family.name, "dtype": args.dtype, "device": device_name, "torch": measured["torch"],
+                 "triton": measured["triton"], "date": measured["date"], "replayed": now}
+    else:
+        stamp = {"family": family.name, "dtype": args.dtype, "device": facts.name, "torch": _version("torch"),
+                 "triton": _version("triton"), "date": now}
     runs_df = pd.DataFrame(runs).assign(**stamp)
     summary = summarize(runs_df).assign(**stamp)
     runs_df.to_csv(out / f"{name}_runs.csv", index=False)
@@ -244,11 +263,42 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     curves_df = pd.DataFrame(curves)
     curves_df.to_csv(out / f"{name}_curves.csv", index=False)  # so the figure can be redrawn
     _plot(curves_df, out / f"{name}_best_so_far.png",
-          f"{family.name} {args.dtype}: best so far per sampler (mean over seeds) -- {facts.name}, {stamp['date'][:10]}")
+          f"{family.name} {args.dtype}: best so far per sampler (mean over seeds) -- {device_name}, {stamp['date'][:10]}")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(summary.drop(columns=list(stamp)).set_index("sampler").T.to_string(float_format=lambda x: f"{x:.3g}"))
     print(f"wrote {out / (name + '_runs.csv')}, {name}_summary.csv, {name}_exhaustive.csv and {name}_best_so_far.png")
     return summary
+
+
+def load_table(path: Path) -> dict[str, Any]:
+    """An earlier run's ``<name>_exhaustive.csv``: its family, dtype, device, versions, date, shapes
+    (in the file's order) and one measured table per shape key (``key``, ``config``, ``status``,
+    ``ms`` with failed configs at infinity), as :func:`measure` returns them."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no measured table at {path}")
+    df = pd.read_csv(path)
+    missing = {"config", "status", "ms", "shape", "family", "dtype", "device", "torch", "triton", "date"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path} is not an efficiency run's exhaustive table: columns {sorted(missing)} are missing")
+    for col in ("family", "dtype", "device"):
+        if df[col].nunique() != 1:
+            raise ValueError(f"{path} mixes several values of {col!r}: {sorted(df[col].unique())}")
+    first = df.iloc[0]
+    family = families.resolve(str(first["family"]))
+    tables, shapes = {}, []
+    for skey, grp in df.groupby("shape", sort=False):
+        shape = parse_shapes(str(skey), family)[0]
+        if cache.shape_key(shape) != skey:
+            raise ValueError(f"{path}: shape {skey!r} does not read back as itself")
+        configs = [json.loads(c) for c in grp["config"]]
+        tables[skey] = pd.DataFrame({
+            "key": [config_key(c) for c in configs], "config": configs, "status": list(grp["status"]),
+            "ms": [float(m) if s == "ok" else math.inf for m, s in zip(grp["ms"], grp["status"])],
+        })
+        shapes.append(shape)
+    return {"family": family.name, "dtype": str(first["dtype"]), "device": str(first["device"]),
+            "torch": str(first["torch"]), "triton": str(first["triton"]), "date": str(first["date"]),
+            "shapes": shapes, "tables": tables}
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:

@@ -62,7 +62,12 @@ class DeviceFacts:
     @property
     def key(self) -> str:
         """A file-name-safe name of the device, used for the per-device cache file."""
-        return "".join(c if c.isalnum() else "_" for c in self.name.lower()).strip("_")
+        return device_key(self.name)
+
+
+def device_key(name: str) -> str:
+    """A file-name-safe form of a device name: "NVIDIA H200" -> "nvidia_h200"."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
 # Datasheet leads for the cards the workbench is measured on (dense bf16, HBM).

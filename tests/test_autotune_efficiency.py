@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 
 from autotune import efficiency
 from kernels.device import device_facts
@@ -44,3 +45,28 @@ def test_efficiency_command_writes_tables_and_plot(tmp_path):
     measured = pd.read_csv(tmp_path / f"{name}_exhaustive.csv")
     assert len(measured) == 20 and (measured["ms"] > 0).all()
     assert (tmp_path / f"{name}_best_so_far.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_replay_of_a_measured_table_reproduces_the_run(tmp_path):
+    """--table replays the samplers against an earlier run's measurements without measuring again:
+    with the same seeds it gives the same runs, stamped with the measurement's provenance."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    common = ["--seeds", "2", "--trials-per-seed", "4", "--samplers", "tpe,random,tpe+warm"]
+    efficiency.main(["--family", "gemm", "--dtype", "float16", "--shapes", "M=16,N=48,K=64;M=24,N=48,K=64",
+                     "--max-configs", "8", "--out", str(first), *common])
+    name = f"gemm_float16_{device_facts().key}"
+    efficiency.main(["--table", str(first / f"{name}_exhaustive.csv"), "--out", str(again), *common])
+    cols = ["shape", "sampler", "seed", "n_configs", "budget", "best_ms", "trials_to_97", "trials_to_99"]
+    before = pd.read_csv(first / f"{name}_runs.csv")
+    after = pd.read_csv(again / f"{name}_runs.csv")
+    pd.testing.assert_frame_equal(before[cols], after[cols])
+    assert set(after["date"]) == set(before["date"]) and after["replayed"].notna().all()
+
+
+def test_replay_rejects_a_table_that_is_not_one(tmp_path):
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"config": ["{}"], "ms": [1.0]}).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match="columns"):
+        efficiency.main(["--table", str(bad), "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="no measured table"):
+        efficiency.main(["--table", str(tmp_path / "missing.csv"), "--out", str(tmp_path)])
