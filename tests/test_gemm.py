@@ -10,6 +10,8 @@ import torch
 
 import kernels
 from kernels.family import rel_error
+import kernels.gemm as gemm_module
+from kernels.device import DeviceFacts
 from kernels.gemm import FAMILY, matmul
 
 
@@ -83,6 +85,28 @@ def test_default_config_is_valid_over_many_shapes() -> None:
             for dtype in ("float16", "bfloat16", "float32"):
                 shape = {"M": M, "N": N, "K": K}
                 assert FAMILY.reject(shape, dtype, FAMILY.default_config(shape, dtype)) is None
+
+
+def test_hopper_default_is_the_subtiled_tma_variant_and_valid(monkeypatch) -> None:
+    """With an H200's facts: M > 64 with TMA-aligned rows defaults to tma_persistent_subtile (128x256
+    tiles when they fill the last wave, else 128x128), anything else to the pointer variants; every
+    default passes the constraints."""
+    h200 = DeviceFacts("NVIDIA H200", (9, 0), 132, 232448, 60 << 20, 989.0, 4800.0)
+    monkeypatch.setattr(gemm_module, "device_facts", lambda *_: h200)
+    monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
+    picks = {}
+    for M in (1, 16, 64, 65, 100, 256, 1024, 4096):
+        for N, K in ((4096, 4096), (6144, 4096), (2048, 8192), (4096, 14336), (7, 9)):
+            for dtype in ("float16", "bfloat16", "float32"):
+                shape = {"M": M, "N": N, "K": K}
+                cfg = FAMILY.default_config(shape, dtype)
+                assert FAMILY.reject(shape, dtype, cfg) is None, (shape, dtype, cfg)
+                picks[(M, N, K, dtype)] = cfg
+    assert picks[(4096, 4096, 4096, "bfloat16")]["variant"] == "tma_persistent_subtile"
+    assert picks[(4096, 4096, 4096, "bfloat16")]["BLOCK_N"] == 256  # 32 x 16 = 512 tiles: 97% of 4 waves
+    assert picks[(1024, 6144, 4096, "bfloat16")]["BLOCK_N"] == 128  # 8 x 24 = 192 tiles: 73% of 2 waves
+    assert picks[(100, 7, 9, "bfloat16")]["variant"] == "tiled"  # rows too short for TMA
+    assert not picks[(64, 4096, 4096, "bfloat16")]["variant"].startswith("tma_persistent")
 
 
 def test_empty_and_degenerate_shapes(device) -> None:
