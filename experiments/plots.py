@@ -55,6 +55,13 @@ def _kernel_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["family"].notna() & np.isfinite(pd.to_numeric(df["ms"], errors="coerce"))]
 
 
+def _workload_rows(df: pd.DataFrame, workload: str) -> pd.DataFrame:
+    """The engine benchmark's rows of one workload (none when the table has no workload column)."""
+    if "workload" not in df:
+        return df.iloc[0:0]
+    return df[df["workload"] == workload]
+
+
 def convergence(df: pd.DataFrame, out: Path) -> Path | None:
     """Per family, per sampler: the geometric mean over shapes (and seeds, runs) of
     best-found ms / best-so-far ms after each trial, where best-found is the fastest trial of that
@@ -152,9 +159,7 @@ def roofline(df: pd.DataFrame, out: Path) -> Path | None:
 
 def engine_throughput(df: pd.DataFrame, out: Path) -> Path | None:
     """Output tokens/s and ms per decode step against batch size, one line per backend."""
-    if "workload" not in df:
-        return None
-    e = df[df["workload"] == "batch_sweep"]
+    e = _workload_rows(df, "batch_sweep")
     if e.empty:
         return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -174,9 +179,7 @@ def engine_throughput(df: pd.DataFrame, out: Path) -> Path | None:
 
 def engine_latency(df: pd.DataFrame, out: Path) -> Path | None:
     """TTFT and TPOT at p50 (solid) and p99 (dashed) against the Poisson request rate."""
-    if "workload" not in df:
-        return None
-    e = df[df["workload"] == "online"]
+    e = _workload_rows(df, "online")
     if e.empty:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
