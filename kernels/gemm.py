@@ -7,7 +7,10 @@ Structural variants (the categorical parameter ``variant``):
 - ``persistent``: about one program per SM, each looping over tiles;
 - ``tma`` and ``tma_persistent`` (Hopper, and the interpreter): tiles moved by tensor descriptors;
 - ``tma_persistent_subtile``: ``tma_persistent`` storing C in two half-tiles, so the epilogue's
-  shared-memory staging buffer is half a tile and a deeper pipeline fits.
+  shared-memory staging buffer is half a tile and a deeper pipeline fits;
+- ``tma_stream_k``: stream-K over TMA tiles (half-tile stores too): every (tile, K step) iteration
+  of the problem in one sequence cut into one equal range per SM, partial tiles handed over through
+  a float32 workspace, so a problem of fewer tiles than SMs (M = 256, say) still uses every SM.
 
 The template is ``kernels/templates/gemm.py.j2``. Shape dicts are ``{"M", "N", "K"}`` with an
 optional ``"b_transposed"`` (bool, default True): B is a transposed view of a row-major [N, K]
@@ -22,7 +25,8 @@ import torch
 from kernels.device import device_facts, interpreting
 from kernels.family import Config, Family, Shape, dtype_name, next_pow2, positive_dims, torch_dtype
 
-VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent", "tma_persistent_subtile")
+VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent", "tma_persistent_subtile", "tma_stream_k")
+_HALF_STORE = ("tma_persistent_subtile", "tma_stream_k")  # variants storing C as two half-tiles
 _INT32_MAX = 2**31 - 1
 
 
@@ -83,7 +87,7 @@ class GemmFamily(Family):
         smem = stages * (bm * bk + bk * bn) * elt
         if v.startswith("tma"):
             # The epilogue tile (half of it with subtiling) staged for the TMA store.
-            smem += bm * bn * elt // (2 if v == "tma_persistent_subtile" else 1)
+            smem += bm * bn * elt // (2 if v in _HALF_STORE else 1)
             if _tma_misaligned(N, K, dtype):
                 return "TMA needs rows of A, B and C aligned to 16 bytes"
         limit = device_facts().smem_per_block
