@@ -3,13 +3,18 @@
     python -m autotune.efficiency --family gemm --dtype float16        # CPU: tiny shapes, ~1 minute
     python -m autotune.efficiency --family gemm --dtype bfloat16 --shapes suite:1,9,16,24 \\
         --max-configs 250 --seeds 5 --trials-per-seed 50                 # GPU: four suite shapes
+    python -m autotune.efficiency --family gemm --dtype bfloat16 --shapes suite:3,10,16,23 \\
+        --space "variant=tma_persistent_subtile,tma_stream_k;GROUP_M=8;BLOCK_M=64,128,256;BLOCK_N=64,128,256;BLOCK_K=32,64,128" \\
+        --seeds 5 --trials-per-seed 60                                   # GPU: every config of a sub-grid
     python -m autotune.efficiency --table results/efficiency/gemm_bfloat16_nvidia_h200_exhaustive.csv \\
         --seeds 5 --trials-per-seed 40                                   # any machine: replay a measured run
 
 Method. For each shape, the ``exhaustive`` sampler measures every valid config once through the
 real pipeline (:func:`autotune.tune`: worker processes, correctness gate, timing); with
 ``--max-configs`` a seeded random subset of that many valid configs is measured instead, and that
-subset is the space the samplers search. The measured table is then the ground truth: each sampler
+subset is the space the samplers search. ``--space`` cuts the family's space down to a sub-grid
+(:func:`autotune.space.restrict`) measured whole: unlike a random subset, it keeps each config's
+neighbours, the structure model-based samplers learn from. The measured table is then the ground truth: each sampler
 (``tpe``, ``gp``, ``random``; and ``tpe+warm``, TPE warm-started with the default config and the
 exhaustive winners of the other shapes, nearest first) runs its search loop
 (:func:`autotune.search.run_search`, the same loop as a real tune: rejects and duplicates are free)
@@ -45,7 +50,7 @@ import autotune  # noqa: E402
 from autotune import cache, families  # noqa: E402
 from autotune.paths import results_dir  # noqa: E402
 from autotune.search import make_sampler, run_search  # noqa: E402
-from autotune.space import Config, SearchSpace, config_key  # noqa: E402
+from autotune.space import Config, SearchSpace, config_key, parse_restriction  # noqa: E402
 from autotune.tune_suite import GEMM_SUITE  # noqa: E402
 from autotune.tuner import _version, warm_configs  # noqa: E402
 from kernels.device import device_facts, device_key  # noqa: E402
@@ -77,10 +82,11 @@ def parse_shapes(text: str | None, family: Family) -> list[dict[str, Any]]:
 
 
 def measure(family: Family, shape: dict, dtype: str, max_configs: int | None, storage: str, cache_path: Path,
-            timeout_s: float) -> pd.DataFrame:
+            timeout_s: float, only: dict[str, list] | None = None) -> pd.DataFrame:
     """The exhaustive pass: one row per measured config (``key``, ``config``, ``status``, ``ms``)."""
     res = autotune.tune(family, shape, dtype, n_trials=max_configs, sampler="exhaustive", seed=0, cache_path=cache_path,
-                        storage=storage, warm_start=False, confirm_top=0, timeout_s=timeout_s, progress=True)
+                        storage=storage, warm_start=False, confirm_top=0, timeout_s=timeout_s, progress=True,
+                        space=only)
     done = res.trials[res.trials["status"].isin(["ok", "failed"])]
     return pd.DataFrame({
         "key": [config_key(c) for c in done["config"]], "config": list(done["config"]),
@@ -169,6 +175,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--trials-per-seed", type=int, default=20)
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
     parser.add_argument("--max-configs", type=int, default=None, help="measure a random subset of this many configs")
+    parser.add_argument("--space", default=None,
+                        help='measure every config of a sub-grid: "variant=tma_stream_k,tma;GROUP_M=8" (key=values;...)')
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds one candidate may take")
     parser.add_argument("--time-limit-min", type=float, default=9.0,
                         help="measure no new shape after this many minutes (a rerun resumes)")
@@ -183,6 +191,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if measured is not None:
         args.family, args.dtype = measured["family"], measured["dtype"]
     family = families.resolve(args.family)
+    only = parse_restriction(args.space) if args.space else None
+    if only is not None and measured is not None:
+        parser.error("--space applies to a measuring run; a replay searches the configs its table holds")
     shapes = measured["shapes"] if measured is not None else parse_shapes(args.shapes, family)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     for s in samplers:
@@ -196,7 +207,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             samplers.remove("gp")
     facts = device_facts()
     device_name, dev_key = (measured["device"], device_key(measured["device"])) if measured is not None else (facts.name, facts.key)
-    name = f"{family.name}_{args.dtype}_{dev_key}"
+    space_text = args.space or (measured["space"] if measured is not None else "")
+    # A sub-grid's report sits beside the whole-space one instead of replacing it.
+    name = f"{family.name}_{args.dtype}_{dev_key}" + ("_subgrid" if space_text else "")
     # A replay writes next to the working files unless told otherwise: it must not overwrite the
     # measured run's report by accident.
     default_out = results_dir() / "runs" / "efficiency_replay" if measured is not None else results_dir() / "efficiency"
@@ -214,7 +227,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                   "command to measure the rest (measured configs are kept) and write the report")
             return pd.DataFrame()
         tables[cache.shape_key(shape)] = measure(family, shape, args.dtype, args.max_configs, storage,
-                                                 scratch / f"{name}_cache.json", args.timeout)
+                                                 scratch / f"{name}_cache.json", args.timeout, only)
     winners = {}
     for shape in shapes:
         table = tables[cache.shape_key(shape)]
@@ -250,10 +263,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if measured is not None:  # the measurements' provenance, and when they were replayed
         stamp = {"family": family.name, "dtype": args.dtype, "device": device_name, "torch": measured["torch"],
-                 "triton": measured["triton"], "date": measured["date"], "replayed": now}
+                 "triton": measured["triton"], "date": measured["date"], "space": space_text, "replayed": now}
     else:
         stamp = {"family": family.name, "dtype": args.dtype, "device": facts.name, "torch": _version("torch"),
-                 "triton": _version("triton"), "date": now}
+                 "triton": _version("triton"), "date": now, "space": space_text}
     runs_df = pd.DataFrame(runs).assign(**stamp)
     summary = summarize(runs_df).assign(**stamp)
     runs_df.to_csv(out / f"{name}_runs.csv", index=False)
@@ -298,6 +311,7 @@ def load_table(path: Path) -> dict[str, Any]:
         shapes.append(shape)
     return {"family": family.name, "dtype": str(first["dtype"]), "device": str(first["device"]),
             "torch": str(first["torch"]), "triton": str(first["triton"]), "date": str(first["date"]),
+            "space": str(first["space"]) if "space" in df.columns and isinstance(first["space"], str) else "",
             "shapes": shapes, "tables": tables}
 
 

@@ -30,6 +30,40 @@ def config_key(config: Config) -> str:
     return json.dumps(config, sort_keys=True)
 
 
+def restrict(space: dict[str, list], only: dict[str, list] | None) -> dict[str, list]:
+    """``space`` with the candidates of each parameter named in ``only`` cut down to those listed
+    there (a sub-grid: "only the TMA variants, grouped order"). Values ``only`` lists that are not
+    candidates for this shape are ignored; a parameter left with none, or one the space does not
+    have, is a ValueError. None: the space unchanged."""
+    if only is None:
+        return space
+    if not isinstance(only, dict):
+        raise TypeError(f"a space restriction must be a dict of parameter -> allowed values, got {type(only).__name__}")
+    out = dict(space)
+    for key, allowed in only.items():
+        if key not in space:
+            raise ValueError(f"the space has no parameter {key!r}; its parameters are {sorted(space)}")
+        if not isinstance(allowed, (list, tuple)) or not allowed:
+            raise ValueError(f"restriction of {key!r} needs a non-empty list of values, got {allowed!r}")
+        kept = [v for v in space[key] if v in allowed]
+        if not kept:
+            raise ValueError(f"none of {list(allowed)} is a candidate of {key!r} here; candidates are {space[key]}")
+        out[key] = kept
+    return out
+
+
+def parse_restriction(text: str) -> dict[str, list]:
+    """``"variant=tma_stream_k,tma;GROUP_M=8"`` -> ``{"variant": ["tma_stream_k", "tma"], "GROUP_M": [8]}``
+    (integers where the values read as integers)."""
+    out: dict[str, list] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, values = part.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ValueError(f"restriction item {part!r} is not key=value[,value...]")
+        out[key.strip()] = [int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in values.split(",")]
+    return out
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import random
 import sqlite3
@@ -37,7 +38,7 @@ from autotune import cache, families
 from autotune.evaluate import Timing
 from autotune.paths import default_storage_url
 from autotune.search import SAMPLERS, counted, make_sampler, result_of, run_search
-from autotune.space import Config, SearchSpace, config_key
+from autotune.space import Config, SearchSpace, config_key, restrict
 from autotune.worker import WorkerPool, shared_pool
 from kernels.device import default_device, device_facts
 from kernels.family import Family, torch_dtype
@@ -120,9 +121,11 @@ def _sqlite_storage(url: str) -> RDBStorage:
     return storage
 
 
-def study_name(family: Family, shape: dict, dtype: str) -> str:
-    """``<family>|<dtype>|<shape>|<device key>|<template hash>``: one study per tuning problem."""
-    return f"{family.name}|{dtype}|{cache.shape_key(shape)}|{device_facts().key}|{template_hash(family)}"
+def study_name(family: Family, shape: dict, dtype: str, only: dict[str, list] | None = None) -> str:
+    """``<family>|<dtype>|<shape>|<device key>|<template hash>``: one study per tuning problem; a
+    search restricted to a sub-grid is a problem of its own (``|space=<the restriction>``)."""
+    name = f"{family.name}|{dtype}|{cache.shape_key(shape)}|{device_facts().key}|{template_hash(family)}"
+    return name if only is None else f"{name}|space={json.dumps(only, sort_keys=True, separators=(',', ':'))}"
 
 
 def warm_configs(fam: Family, shape: dict, dtype: str, entries: dict[str, dict]) -> list[Config]:
@@ -245,6 +248,7 @@ def tune(
     timeout_s: float = 60.0,
     compile_workers: int | None = None,
     progress: bool = False,
+    space: dict[str, list] | None = None,
 ) -> TuneResult:
     """Tune ``family`` for ``shape`` and ``dtype`` on this machine's device and cache the winner.
 
@@ -257,19 +261,21 @@ def tune(
     re-timed at the end (0: take the search's best). ``timeout_s``: limit of one candidate's
     evaluation (compile, check and timing), and of its compilation in a helper.
     ``compile_workers``: helper processes compiling ahead (default: half the CPU cores, at most 8,
-    on a GPU; none on the CPU interpreter). ``progress``: a tqdm bar of the budget.
+    on a GPU; none on the CPU interpreter). ``progress``: a tqdm bar of the budget. ``space``: search
+    only a sub-grid of the family's space, e.g. ``{"variant": ["tma_stream_k"], "GROUP_M": [8]}``
+    (see :func:`autotune.space.restrict`); None: the whole space.
     """
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no log line per trial; results are in the study
     try:
         return _tune(family, shape, dtype, n_trials, sampler, seed, cache_path, storage, warm_start, confirm_top,
-                     timeout_s, compile_workers, progress)
+                     timeout_s, compile_workers, progress, space)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
 def _tune(family, shape, dtype, n_trials, sampler, seed, cache_path, storage, warm_start, confirm_top,
-          timeout_s, compile_workers, progress) -> TuneResult:
+          timeout_s, compile_workers, progress, only) -> TuneResult:
     fam = families.resolve(family)
     ref = families.reference(fam)
     torch_dtype(dtype)
@@ -280,17 +286,19 @@ def _tune(family, shape, dtype, n_trials, sampler, seed, cache_path, storage, wa
         raise ValueError(f"n_trials must be a positive int or None (every valid config), got {n_trials!r}")
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-    space = SearchSpace(fam.space(shape, dtype))
-    valid = fam.configs(shape, dtype)
+    grid = restrict(fam.space(shape, dtype), only)
+    space = SearchSpace(grid)
+    valid = [c for c in fam.configs(shape, dtype) if all(c[k] in grid[k] for k in grid)]
     if not valid:
-        raise ValueError(f"{fam.name}: no valid config for shape {shape} and dtype {dtype}")
+        raise ValueError(f"{fam.name}: no valid config for shape {shape} and dtype {dtype}"
+                         + (f" within {only}" if only is not None else ""))
     budget = len(valid) if n_trials is None else n_trials
     path = cache.resolve_path(cache_path)
     entries = cache.read(path)  # a corrupt cache fails here, before any trial is spent
 
     if compile_workers is None:
         compile_workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if default_device().type == "cuda" else 0
-    name = study_name(fam, shape, dtype)
+    name = study_name(fam, shape, dtype, only)
     study = optuna.create_study(
         study_name=name, storage=resolve_storage(storage), sampler=make_sampler(sampler, seed, budget),
         direction="minimize", load_if_exists=True,
@@ -330,6 +338,8 @@ def _tune(family, shape, dtype, n_trials, sampler, seed, cache_path, storage, wa
         "triton": _version("triton"), "torch": _version("torch"), "template_hash": template_hash(fam),
         "date": confirmation["date"],
     }
+    if only is not None:
+        entry["space"] = only  # the winner of a sub-grid only
     cache.write(path, [entry])
     return TuneResult(
         config=entry["config"], ms=entry["ms"], n_trials=entry["trials"],
