@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds one candidate may take")
     parser.add_argument("--time-limit-min", type=float, default=9.0,
                         help="measure no new shape after this many minutes (a rerun resumes)")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="write the measured table and stop (replay it on any machine with --table)")
     parser.add_argument("--out", default=None, help="folder for the tables and the plot (default results/efficiency)")
     parser.add_argument("--table", default=None,
                         help="replay the samplers against an earlier run's <name>_exhaustive.csv instead of measuring "
@@ -192,8 +194,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         args.family, args.dtype = measured["family"], measured["dtype"]
     family = families.resolve(args.family)
     only = parse_restriction(args.space) if args.space else None
-    if only is not None and measured is not None:
-        parser.error("--space applies to a measuring run; a replay searches the configs its table holds")
+    if measured is not None and (only is not None or args.measure_only):
+        parser.error("--space and --measure-only apply to a measuring run; a replay searches the configs its table holds")
     shapes = measured["shapes"] if measured is not None else parse_shapes(args.shapes, family)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     for s in samplers:
@@ -228,6 +230,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             return pd.DataFrame()
         tables[cache.shape_key(shape)] = measure(family, shape, args.dtype, args.max_configs, storage,
                                                  scratch / f"{name}_cache.json", args.timeout, only)
+    if args.measure_only:
+        stamp = {"family": family.name, "dtype": args.dtype, "device": facts.name, "torch": _version("torch"),
+                 "triton": _version("triton"), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                 "space": space_text}
+        _write_tables(tables, stamp, out / f"{name}_exhaustive.csv")
+        print(f"wrote {out / (name + '_exhaustive.csv')}; replay it anywhere with --table")
+        return pd.DataFrame()
     winners = {}
     for shape in shapes:
         table = tables[cache.shape_key(shape)]
@@ -271,8 +280,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     summary = summarize(runs_df).assign(**stamp)
     runs_df.to_csv(out / f"{name}_runs.csv", index=False)
     summary.to_csv(out / f"{name}_summary.csv", index=False)
-    pd.concat([t.assign(shape=k, config=[json.dumps(c, sort_keys=True) for c in t["config"]]).drop(columns="key")
-               for k, t in tables.items()]).assign(**stamp).to_csv(out / f"{name}_exhaustive.csv", index=False)
+    _write_tables(tables, stamp, out / f"{name}_exhaustive.csv")
     curves_df = pd.DataFrame(curves)
     curves_df.to_csv(out / f"{name}_curves.csv", index=False)  # so the figure can be redrawn
     _plot(curves_df, out / f"{name}_best_so_far.png",
@@ -281,6 +289,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(summary.drop(columns=list(stamp)).set_index("sampler").T.to_string(float_format=lambda x: f"{x:.3g}"))
     print(f"wrote {out / (name + '_runs.csv')}, {name}_summary.csv, {name}_exhaustive.csv and {name}_best_so_far.png")
     return summary
+
+
+def _write_tables(tables: dict[str, pd.DataFrame], stamp: dict[str, str], path: Path) -> None:
+    """The measured tables as one CSV (a row per config, its shape key and the run's stamp): the
+    file :func:`load_table` reads."""
+    pd.concat([t.assign(shape=k, config=[json.dumps(c, sort_keys=True) for c in t["config"]]).drop(columns="key")
+               for k, t in tables.items()]).assign(**stamp).to_csv(path, index=False)
 
 
 def load_table(path: Path) -> dict[str, Any]:

@@ -72,7 +72,8 @@ class PagedFamily(Family):
             "SPLIT": [1] + [s for s in (2, 4, 8, 16, 32, 64) if decode and s <= math.ceil(lc / 16)],
             "HEADS": [h for h in range(1, group + 1) if group % h == 0],
             "BLOCK_Q": [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= next_pow2(lq)],
-            "num_warps": [4, 8],
+            # Decode programs are small (a few heads' rows): 2 warps leave room for more programs per SM.
+            "num_warps": [2, 4, 8] if decode else [4, 8],
             "num_stages": [2, 3, 4],
         }
 
@@ -96,7 +97,7 @@ class PagedFamily(Family):
             return f"float32 accumulator {rows}x{d} and scores {rows}x{tile} need {regs} registers per thread"
         if dtype == "float32" and (2 * rows * d + rows * tile + tile * d) // (32 * warps) > MAX_FP32_REGS:
             return f"float32 dots keep the q {rows}x{d} and k {tile}x{d} tiles in registers too: too many"
-        # 4 warps (the fewest in the space) always pass: the smallest tile, 16x16 at head dim 16, needs them.
+        # 4 warps or fewer always pass: the smallest tile, 16x16 at head dim 16, needs 4.
         if warps > 4 and rows * max(tile, d) // (32 * warps) < 4:
             return f"{warps} warps for a {rows}x{tile} tile leave threads idle"
         elt = _elt(dtype)

@@ -100,13 +100,17 @@ class GemmFamily(Family):
 
         M > 64 on Hopper, rows of A, B and C aligned for TMA: ``tma_persistent_subtile`` (the
         fixed-config comparison results/gemm_subtile_ab_nvidia_h200.csv: 0.79-1.02x cuBLAS where the
-        pointer variants reach 0.42-0.89x), 128x256x64 with 8 warps and 4 stages when those tiles
-        fill the last wave of programs to 90% or more, else 128x128x64 with 4 warps and 5 stages
-        (twice the tiles: a wave of 1.45 becomes 2.9). Elsewhere for M > 64: 128x256x64 tiles, 8
-        warps, grouped order. M <= 64 (decode and small batches) is bound by streaming B, so what
-        matters is enough programs to keep every SM loading: the widest N tile that still gives about
-        one tile per SM, and when even 32-wide tiles give too few (small N), K split across programs
-        until they do -- the structure of every small-M winner of results/tune_suite_nvidia_h200.csv.
+        pointer variants reach 0.42-0.89x), with the tile that keeps every SM busy
+        (results/efficiency/gemm_bfloat16_nvidia_h200_subgrid_exhaustive.csv, every config of that
+        variant's grid measured): 128x256x64 with 8 warps and 4 stages when those tiles fill the
+        last wave of programs to 90% or more; else 128x128x64 with 4 warps and 5 stages (twice the
+        tiles: a wave of 1.45 becomes 2.9); and when even those are fewer than the SMs (M = 256),
+        64x128x128 with 4 warps and 4 stages (at 256x4096x4096: 128 tiles for 132 SMs, 1.3x the
+        128x128 tile). Elsewhere for M > 64: 128x256x64 tiles, 8 warps, grouped order. M <= 64
+        (decode and small batches) is bound by streaming B, so what matters is enough programs to
+        keep every SM loading: the widest N tile that still gives about one tile per SM, and when
+        even 32-wide tiles give too few (small N), K split across programs until they do -- the
+        structure of every small-M winner of results/tune_suite_nvidia_h200.csv.
         """
         M, N, K = _dims(shape)
         space = self.space(shape, dtype)
@@ -118,6 +122,8 @@ class GemmFamily(Family):
                                SPLIT_K=1, num_warps=8, num_stages=4)
             if last_wave_full < 0.9:
                 cfg.update(BLOCK_N=128, num_warps=4, num_stages=5)
+                if -(-M // 128) * -(-N // 128) < facts.num_sms:
+                    cfg.update(BLOCK_M=64, BLOCK_K=128, num_stages=4)
         elif M > 64:
             cfg = dict(variant="tiled", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_K=1,
                        num_warps=8, num_stages=3)

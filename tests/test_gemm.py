@@ -89,8 +89,8 @@ def test_default_config_is_valid_over_many_shapes() -> None:
 
 def test_hopper_default_is_the_subtiled_tma_variant_and_valid(monkeypatch) -> None:
     """With an H200's facts: M > 64 with TMA-aligned rows defaults to tma_persistent_subtile (128x256
-    tiles when they fill the last wave, else 128x128), anything else to the pointer variants; every
-    default passes the constraints."""
+    tiles when they fill the last wave, else 128x128, or 64x128 when 128x128 tiles leave SMs idle),
+    anything else to the pointer variants; every default passes the constraints."""
     h200 = DeviceFacts("NVIDIA H200", (9, 0), 132, 232448, 60 << 20, 989.0, 4800.0)
     monkeypatch.setattr(gemm_module, "device_facts", lambda *_: h200)
     monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
@@ -105,6 +105,9 @@ def test_hopper_default_is_the_subtiled_tma_variant_and_valid(monkeypatch) -> No
     assert picks[(4096, 4096, 4096, "bfloat16")]["variant"] == "tma_persistent_subtile"
     assert picks[(4096, 4096, 4096, "bfloat16")]["BLOCK_N"] == 256  # 32 x 16 = 512 tiles: 97% of 4 waves
     assert picks[(1024, 6144, 4096, "bfloat16")]["BLOCK_N"] == 128  # 8 x 24 = 192 tiles: 73% of 2 waves
+    assert picks[(1024, 6144, 4096, "bfloat16")]["BLOCK_M"] == 128  # 384 tiles of 128x128 fill 2.9 waves
+    small = picks[(256, 4096, 4096, "bfloat16")]  # 128x128 would be 64 tiles on 132 SMs
+    assert (small["variant"], small["BLOCK_M"], small["BLOCK_N"], small["BLOCK_K"]) == ("tma_persistent_subtile", 64, 128, 128)
     assert picks[(100, 7, 9, "bfloat16")]["variant"] == "tiled"  # rows too short for TMA
     assert not picks[(64, 4096, 4096, "bfloat16")]["variant"].startswith("tma_persistent")
 
