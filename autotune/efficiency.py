@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         best_ms, n = float(table["ms"].min()), len(table)
         others = {k: v for k, v in winners.items() if v["shape"] != shape}
         for sampler in samplers:
-            warm = warm_configs(family, shape, args.dtype, others) if sampler == "tpe+warm" else []
+            # The neighbours' winners on the measured device; the default config is this machine's
+            # (a replay elsewhere usually cannot run it: off the table, it is skipped).
+            warm = warm_configs(family, shape, args.dtype, others, dev_key) if sampler == "tpe+warm" else []
             for seed in range(args.seeds):
                 curve = replay(family, shape, args.dtype, table, sampler, seed, args.trials_per_seed, warm)
                 row = {"shape": skey, "sampler": sampler, "seed": seed, "n_configs": n, "budget": len(curve),

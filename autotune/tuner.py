@@ -128,10 +128,12 @@ def study_name(family: Family, shape: dict, dtype: str, only: dict[str, list] | 
     return name if only is None else f"{name}|space={json.dumps(only, sort_keys=True, separators=(',', ':'))}"
 
 
-def warm_configs(fam: Family, shape: dict, dtype: str, entries: dict[str, dict]) -> list[Config]:
+def warm_configs(fam: Family, shape: dict, dtype: str, entries: dict[str, dict],
+                 device_key: str | None = None) -> list[Config]:
     """The default config, then the cached winners of the shapes nearest to ``shape`` (same family,
-    dtype and device; the exact shape's own earlier winner first)."""
-    device_key = device_facts().key
+    dtype and device -- ``device_key``, default this machine's; the exact shape's own earlier
+    winner first)."""
+    device_key = device_key or device_facts().key
     scored = []
     for key, entry in entries.items():
         if (entry.get("family"), entry.get("dtype"), entry.get("device_key")) != (fam.name, dtype, device_key):

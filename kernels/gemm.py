@@ -10,7 +10,9 @@ Structural variants (the categorical parameter ``variant``):
   shared-memory staging buffer is half a tile and a deeper pipeline fits;
 - ``tma_stream_k``: stream-K over TMA tiles (half-tile stores too): every (tile, K step) iteration
   of the problem in one sequence cut into one equal range per SM, partial tiles handed over through
-  a float32 workspace, so a problem of fewer tiles than SMs (M = 256, say) still uses every SM.
+  a float32 workspace, so a problem of fewer tiles than SMs (M = 256, say) still uses every SM;
+- ``tma_splitk``: ``splitk`` over TMA tiles: the float32 partial tiles go to the workspace as two
+  half-tile tensor-memory stores.
 
 The template is ``kernels/templates/gemm.py.j2``. Shape dicts are ``{"M", "N", "K"}`` with an
 optional ``"b_transposed"`` (bool, default True): B is a transposed view of a row-major [N, K]
@@ -25,8 +27,10 @@ import torch
 from kernels.device import device_facts, interpreting
 from kernels.family import Config, Family, Shape, dtype_name, next_pow2, positive_dims, torch_dtype
 
-VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent", "tma_persistent_subtile", "tma_stream_k")
-_HALF_STORE = ("tma_persistent_subtile", "tma_stream_k")  # variants storing C as two half-tiles
+VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent", "tma_persistent_subtile", "tma_stream_k",
+            "tma_splitk")
+_HALF_STORE = ("tma_persistent_subtile", "tma_stream_k", "tma_splitk")  # variants storing C as two half-tiles
+_SPLIT = ("splitk", "tma_splitk")
 _INT32_MAX = 2**31 - 1
 
 
@@ -37,6 +41,11 @@ def _elt(dtype: str) -> int:
 def _tma_misaligned(N: int, K: int, dtype: str) -> bool:
     """Whether rows of A [M, K], B and C [M, N] miss the 16-byte alignment tensor descriptors need."""
     return bool((K * _elt(dtype)) % 16 or (N * _elt(dtype)) % 16)
+
+
+def _wave_fill(programs: int, sms: int) -> float:
+    """How full the last wave of ``programs`` equal programs on ``sms`` SMs is (1.0: no idle SM)."""
+    return programs / (-(-programs // sms) * sms)
 
 
 def _dims(shape: Shape) -> tuple[int, int, int]:
@@ -73,8 +82,8 @@ class GemmFamily(Family):
         v, bm, bn, bk = config["variant"], config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
         split, warps, stages = config["SPLIT_K"], config["num_warps"], config["num_stages"]
         elt = _elt(dtype)
-        if (v == "splitk") != (split > 1):
-            return "SPLIT_K > 1 goes with the splitk variant and only with it"
+        if (v in _SPLIT) != (split > 1):
+            return "SPLIT_K > 1 goes with the split-K variants and only with them"
         if split > 1 and -(-K // bk) < split:
             return f"K={K} has fewer than SPLIT_K={split} tiles of {bk}"
         if config["GROUP_M"] > 1 and -(-M // bm) <= 1:
@@ -87,7 +96,8 @@ class GemmFamily(Family):
         smem = stages * (bm * bk + bk * bn) * elt
         if v.startswith("tma"):
             # The epilogue tile (half of it with subtiling) staged for the TMA store.
-            smem += bm * bn * elt // (2 if v in _HALF_STORE else 1)
+            # (A split-K partial is float32.)
+            smem += bm * bn * (4 if v in _SPLIT else elt) // (2 if v in _HALF_STORE else 1)
             if _tma_misaligned(N, K, dtype):
                 return "TMA needs rows of A, B and C aligned to 16 bytes"
         limit = device_facts().smem_per_block
@@ -105,8 +115,10 @@ class GemmFamily(Family):
         variant's grid measured): 128x256x64 with 8 warps and 4 stages when those tiles fill the
         last wave of programs to 90% or more; else 128x128x64 with 4 warps and 5 stages (twice the
         tiles: a wave of 1.45 becomes 2.9); and when even those are fewer than the SMs (M = 256),
-        64x128x128 with 4 warps and 4 stages (at 256x4096x4096: 128 tiles for 132 SMs, 1.3x the
-        128x128 tile). Elsewhere for M > 64: 128x256x64 tiles, 8 warps, grouped order. M <= 64
+        64x128x128 with 4 warps and 4 stages if those fill a wave to 90% (at 256x4096x4096: 128
+        tiles for 132 SMs, 1.3x the 128x128 tile), else ``tma_splitk`` on the 128x128 tiles with
+        the fewest K slices (2, 4 or 8, each at least 512 deep) that fill the last wave to 90%
+        (256x6144x4096: 96 tiles x 4 slices = 384 programs, 97% of 3 waves). Elsewhere for M > 64: 128x256x64 tiles, 8 warps, grouped order. M <= 64
         (decode and small batches) is bound by streaming B, so what matters is enough programs to
         keep every SM loading: the widest N tile that still gives about one tile per SM, and when
         even 32-wide tiles give too few (small N), K split across programs until they do -- the
@@ -117,13 +129,19 @@ class GemmFamily(Family):
         facts = device_facts()
         if M > 64 and facts.capability >= (9, 0) and not _tma_misaligned(N, K, dtype):
             tiles = -(-M // 128) * -(-N // 256)
-            last_wave_full = tiles / (-(-tiles // facts.num_sms) * facts.num_sms)
             cfg: Config = dict(variant="tma_persistent_subtile", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8,
                                SPLIT_K=1, num_warps=8, num_stages=4)
-            if last_wave_full < 0.9:
+            if _wave_fill(tiles, facts.num_sms) < 0.9:
                 cfg.update(BLOCK_N=128, num_warps=4, num_stages=5)
-                if -(-M // 128) * -(-N // 128) < facts.num_sms:
-                    cfg.update(BLOCK_M=64, BLOCK_K=128, num_stages=4)
+                tiles = -(-M // 128) * -(-N // 128)
+                if tiles < facts.num_sms:
+                    # Too few tiles: smaller ones if they fill a wave, else K split across programs.
+                    split = next((s for s in (2, 4, 8) if _wave_fill(tiles * s, facts.num_sms) >= 0.9
+                                  and K // s >= 512), 1)
+                    if _wave_fill(-(-M // 64) * -(-N // 128), facts.num_sms) >= 0.9 or split == 1:
+                        cfg.update(BLOCK_M=64, BLOCK_K=128, num_stages=4)
+                    else:
+                        cfg.update(variant="tma_splitk", SPLIT_K=split, num_stages=4)
         elif M > 64:
             cfg = dict(variant="tiled", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_K=1,
                        num_warps=8, num_stages=3)

@@ -1,6 +1,7 @@
 """The tuning-efficiency report: its arithmetic, and the command end to end on a tiny measured space."""
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -70,3 +71,33 @@ def test_replay_rejects_a_table_that_is_not_one(tmp_path):
         efficiency.main(["--table", str(bad), "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="no measured table"):
         efficiency.main(["--table", str(tmp_path / "missing.csv"), "--out", str(tmp_path)])
+
+
+def test_sub_grid_measured_then_replayed_with_the_measured_devices_neighbours(tmp_path):
+    """--space measures every config of a sub-grid, --measure-only stops at the table, and a replay
+    of a table measured on another device warm-starts TPE from that device's winners: the first
+    trial of tpe+warm is the other shape's winner."""
+    measured = tmp_path / "measured"
+    # Two shapes with one space, so each one's winner is a config of the other.
+    efficiency.main(["--family", "gemm", "--dtype", "float16", "--shapes", "M=16,N=48,K=64;M=16,N=40,K=64",
+                     "--space", "variant=tiled,splitk;GROUP_M=1;num_warps=4;num_stages=2;BLOCK_K=32,64",
+                     "--measure-only", "--out", str(measured)])
+    path = measured / f"gemm_float16_{device_facts().key}_subgrid_exhaustive.csv"
+    table = pd.read_csv(path)
+    configs = [json.loads(c) for c in table["config"]]
+    assert {c["variant"] for c in configs} <= {"tiled", "splitk"} and {c["BLOCK_K"] for c in configs} <= {32, 64}
+    assert not list(measured.glob("*_runs.csv"))  # measured only: no replay yet
+    table.assign(device="NVIDIA H200").to_csv(path, index=False)
+
+    replayed = tmp_path / "replayed"
+    efficiency.main(["--table", str(path), "--seeds", "1", "--trials-per-seed", "3", "--samplers", "tpe+warm",
+                     "--out", str(replayed)])
+    curves = pd.read_csv(replayed / "gemm_float16_nvidia_h200_subgrid_curves.csv")
+    ms = {(s, json.dumps(json.loads(c), sort_keys=True)): m for s, c, m in zip(table["shape"], table["config"], table["ms"])}
+    shapes = list(dict.fromkeys(table["shape"]))
+    for here, other in (shapes, shapes[::-1]):
+        mine = {c: m for (s, c), m in ms.items() if s == here}
+        theirs = {c: m for (s, c), m in ms.items() if s == other}
+        winner = min(theirs, key=theirs.get)
+        first = curves[(curves["shape"] == here) & (curves["trial"] == 1)]["fraction_of_best"].item()
+        assert first == pytest.approx(min(mine.values()) / mine[winner])

@@ -96,7 +96,7 @@ def test_hopper_default_is_the_subtiled_tma_variant_and_valid(monkeypatch) -> No
     monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
     picks = {}
     for M in (1, 16, 64, 65, 100, 256, 1024, 4096):
-        for N, K in ((4096, 4096), (6144, 4096), (2048, 8192), (4096, 14336), (7, 9)):
+        for N, K in ((4096, 4096), (6144, 4096), (2048, 8192), (4096, 14336), (7, 9), (3072, 2048)):
             for dtype in ("float16", "bfloat16", "float32"):
                 shape = {"M": M, "N": N, "K": K}
                 cfg = FAMILY.default_config(shape, dtype)
@@ -108,6 +108,8 @@ def test_hopper_default_is_the_subtiled_tma_variant_and_valid(monkeypatch) -> No
     assert picks[(1024, 6144, 4096, "bfloat16")]["BLOCK_M"] == 128  # 384 tiles of 128x128 fill 2.9 waves
     small = picks[(256, 4096, 4096, "bfloat16")]  # 128x128 would be 64 tiles on 132 SMs
     assert (small["variant"], small["BLOCK_M"], small["BLOCK_N"], small["BLOCK_K"]) == ("tma_persistent_subtile", 64, 128, 128)
+    split = picks[(256, 6144, 4096, "bfloat16")]  # 96 tiles of 128x128; 192 of 64x128 fill 73% of 2 waves
+    assert (split["variant"], split["BLOCK_M"], split["SPLIT_K"]) == ("tma_splitk", 128, 4)  # 384: 97% of 3 waves
     assert picks[(100, 7, 9, "bfloat16")]["variant"] == "tiled"  # rows too short for TMA
     assert not picks[(64, 4096, 4096, "bfloat16")]["variant"].startswith("tma_persistent")
 
@@ -212,3 +214,21 @@ def test_stream_k_hands_partial_tiles_over(M: int, N: int, K: int, group_m: int,
     assert flags.numel() >= 1 and int(flags.abs().sum()) == 0
     src = FAMILY.emit(shape, "float16", cfg)
     assert "atomic_cas" in src and "tl.split" in src
+
+
+@pytest.mark.parametrize("M,N,K,split", [(40, 72, 160, 4), (70, 96, 224, 2), (100, 200, 480, 8)])
+def test_tma_splitk_sums_its_slices(M: int, N: int, K: int, split: int, device) -> None:
+    """tma_splitk: every K slice's float32 partial lands in the workspace (half-tile stores, ragged
+    edges; at K = 160 five K tiles in slices of two leave the last slice none) and the reduction
+    sums them."""
+    g = torch.Generator().manual_seed(K)
+    a = torch.randn(M, K, generator=g).to(device, torch.float16)
+    w = torch.randn(N, K, generator=g).to(device, torch.float16)
+    cfg = {"variant": "tma_splitk", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32 if split < 8 else 64,
+           "GROUP_M": 8 if M > 64 else 1, "SPLIT_K": split, "num_warps": 4, "num_stages": 2}
+    shape = FAMILY.shape_from_call(a, w.t())
+    FAMILY.check_config(shape, "float16", cfg)
+    _check(a, w.t(), "float16", device, cfg)
+    src = FAMILY.emit(shape, "float16", cfg)
+    assert "splitk_reduce_kernel" in src and "TensorDescriptor" in src
+    assert FAMILY.reject(shape, "float16", {**cfg, "SPLIT_K": 1}) is not None  # split-K needs slices
