@@ -114,11 +114,14 @@ class GemmFamily(Family):
         (results/efficiency/gemm_bfloat16_nvidia_h200_subgrid_exhaustive.csv, every config of that
         variant's grid measured): 128x256x64 with 8 warps and 4 stages when those tiles fill the
         last wave of programs to 90% or more; else 128x128x64 with 4 warps and 5 stages (twice the
-        tiles: a wave of 1.45 becomes 2.9); and when even those are fewer than the SMs (M = 256),
-        64x128x128 with 4 warps and 4 stages if those fill a wave to 90% (at 256x4096x4096: 128
-        tiles for 132 SMs, 1.3x the 128x128 tile), else ``tma_splitk`` on the 128x128 tiles with
-        the fewest K slices (2, 4 or 8, each at least 512 deep) that fill the last wave to 90%
-        (256x6144x4096: 96 tiles x 4 slices = 384 programs, 97% of 3 waves). Elsewhere for M > 64: 128x256x64 tiles, 8 warps, grouped order. M <= 64
+        tiles: a wave of 1.45 becomes 2.9). When even those are fewer than the SMs (M = 256; the
+        fixed-config comparison results/gemm_m256/gemm_m256_ab_nvidia_h200.csv): 64x128x128 with 4
+        warps and 4 stages if those fill a wave to 90% (256x4096x4096: 128 tiles for 132 SMs, 1.3x
+        the 128x128 tile); else, when 128x128 tiles keep under half the SMs busy, ``tma_splitk`` on
+        them with the fewest K slices (2, 4 or 8, each at least 1024 deep) that fill the last wave
+        to 90% (256x2048x8192: 32 tiles x 4 slices, 1.36x the best unsplit tile), or 64x128x128
+        where the slices would be shorter (256x3072x2048, 256x2048x2048: the reduction's traffic
+        costs more than the idle SMs). Elsewhere for M > 64: 128x256x64 tiles, 8 warps, grouped order. M <= 64
         (decode and small batches) is bound by streaming B, so what matters is enough programs to
         keep every SM loading: the widest N tile that still gives about one tile per SM, and when
         even 32-wide tiles give too few (small N), K split across programs until they do -- the
@@ -134,14 +137,17 @@ class GemmFamily(Family):
             if _wave_fill(tiles, facts.num_sms) < 0.9:
                 cfg.update(BLOCK_N=128, num_warps=4, num_stages=5)
                 tiles = -(-M // 128) * -(-N // 128)
-                if tiles < facts.num_sms:
-                    # Too few tiles: smaller ones if they fill a wave, else K split across programs.
-                    split = next((s for s in (2, 4, 8) if _wave_fill(tiles * s, facts.num_sms) >= 0.9
-                                  and K // s >= 512), 1)
-                    if _wave_fill(-(-M // 64) * -(-N // 128), facts.num_sms) >= 0.9 or split == 1:
-                        cfg.update(BLOCK_M=64, BLOCK_K=128, num_stages=4)
+                split = next((s for s in (2, 4, 8) if _wave_fill(tiles * s, facts.num_sms) >= 0.9
+                              and K // s >= 1024), 1)
+                if _wave_fill(-(-M // 64) * -(-N // 128), facts.num_sms) >= 0.9 and tiles < facts.num_sms:
+                    cfg.update(BLOCK_M=64, BLOCK_K=128, num_stages=4)
+                elif 2 * tiles < facts.num_sms:
+                    # Under half the SMs busy: K split across programs when the slices stay long,
+                    # else the smaller tiles.
+                    if split > 1:
+                        cfg.update(variant="tma_splitk", SPLIT_K=split)
                     else:
-                        cfg.update(variant="tma_splitk", SPLIT_K=split, num_stages=4)
+                        cfg.update(BLOCK_M=64, BLOCK_K=128, num_stages=4)
         elif M > 64:
             cfg = dict(variant="tiled", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_K=1,
                        num_warps=8, num_stages=3)

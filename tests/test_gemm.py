@@ -108,8 +108,12 @@ def test_hopper_default_is_the_subtiled_tma_variant_and_valid(monkeypatch) -> No
     assert picks[(1024, 6144, 4096, "bfloat16")]["BLOCK_M"] == 128  # 384 tiles of 128x128 fill 2.9 waves
     small = picks[(256, 4096, 4096, "bfloat16")]  # 128x128 would be 64 tiles on 132 SMs
     assert (small["variant"], small["BLOCK_M"], small["BLOCK_N"], small["BLOCK_K"]) == ("tma_persistent_subtile", 64, 128, 128)
-    split = picks[(256, 6144, 4096, "bfloat16")]  # 96 tiles of 128x128; 192 of 64x128 fill 73% of 2 waves
-    assert (split["variant"], split["BLOCK_M"], split["SPLIT_K"]) == ("tma_splitk", 128, 4)  # 384: 97% of 3 waves
+    wide = picks[(256, 6144, 4096, "bfloat16")]  # 96 tiles of 128x128 keep most SMs busy
+    assert (wide["variant"], wide["BLOCK_M"], wide["BLOCK_N"]) == ("tma_persistent_subtile", 128, 128)
+    split = picks[(256, 2048, 8192, "bfloat16")]  # 32 tiles of 128x128; x 4 slices of K 2048: 128 programs
+    assert (split["variant"], split["BLOCK_M"], split["SPLIT_K"]) == ("tma_splitk", 128, 4)
+    short = picks[(256, 3072, 2048, "bfloat16")]  # slices of K 512 would be too short to pay for the reduction
+    assert (short["variant"], short["BLOCK_M"], short["SPLIT_K"]) == ("tma_persistent_subtile", 64, 1)
     assert picks[(100, 7, 9, "bfloat16")]["variant"] == "tiled"  # rows too short for TMA
     assert not picks[(64, 4096, 4096, "bfloat16")]["variant"].startswith("tma_persistent")
 
