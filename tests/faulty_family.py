@@ -1,7 +1,7 @@
 """A test-only kernel family whose candidates fail in every way a real kernel can.
 
 out[n] = 2 * x[n] in plain PyTorch, one config per behaviour (``mode``):
-- ``fast``: correct; ``slow``: correct but sleeps, so ``fast`` must win;
+- ``fast``: correct; ``slow``: correct but sleeps and repeats its device work, so ``fast`` must win;
 - ``wrong``: fastest of all but computes 3 * x (a wrong result must fail whatever its speed);
 - ``partial``: leaves the last element unwritten (the NaN poison must catch it);
 - ``raise``: raises; ``hang``: sleeps far past any limit; ``exit``: ``os._exit(3)``;
@@ -70,7 +70,9 @@ class FaultyFamily(Family):
         if mode == "signal":
             os.kill(os.getpid(), signal.SIGKILL)
         if mode == "slow":
-            time.sleep(0.02)
+            time.sleep(0.02)  # slow by the CPU's wall clock...
+            for _ in range(200):  # ...and on a GPU, where timing replays only device work (a CUDA graph)
+                torch.mul(x, 2, out=out)
         if mode == "fast":
             time.sleep(0.002)
         if mode == "wrong":
