@@ -98,6 +98,11 @@ class GemmFamily(Family):
             # The epilogue tile (half of it with subtiling) staged for the TMA store.
             # (A split-K partial is float32.)
             smem += bm * bn * (4 if v in _SPLIT else elt) // (2 if v in _HALF_STORE else 1)
+            if v == "tma_persistent_subtile" and bm == 64 and warps == 8:
+                # Two warp groups on 64 rows split N between them, so halving the tile shuffles the
+                # accumulator through shared memory, live while the next tile's loads are in flight
+                # (Triton 3.6's sm_90 compile: bm * bn * 2 bytes, 8 KiB at least, more).
+                smem += max(8192, bm * bn * 2)
             if _tma_misaligned(N, K, dtype):
                 return "TMA needs rows of A, B and C aligned to 16 bytes"
         limit = device_facts().smem_per_block

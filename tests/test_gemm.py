@@ -236,3 +236,17 @@ def test_tma_splitk_sums_its_slices(M: int, N: int, K: int, split: int, device) 
     src = FAMILY.emit(shape, "float16", cfg)
     assert "splitk_reduce_kernel" in src and "TensorDescriptor" in src
     assert FAMILY.reject(shape, "float16", {**cfg, "SPLIT_K": 1}) is not None  # split-K needs slices
+
+
+def test_shared_memory_model_counts_the_subtile_shuffle_of_two_warp_groups(monkeypatch) -> None:
+    """With an H200's facts: 64x256x64 subtiled tiles with 8 warps and 5 stages compiled to 253,992
+    bytes of shared memory (above the 232,448 an H200 block may use) and failed on the GPU in the
+    efficiency run; the model rules them out before compiling, and keeps the 4-warp twin."""
+    h200 = DeviceFacts("NVIDIA H200", (9, 0), 132, 232448, 60 << 20, 989.0, 4800.0)
+    monkeypatch.setattr(gemm_module, "device_facts", lambda *_: h200)
+    monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
+    shape = {"M": 1024, "N": 6144, "K": 4096}
+    cfg = {"variant": "tma_persistent_subtile", "BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8,
+           "SPLIT_K": 1, "num_warps": 8, "num_stages": 5}
+    assert "shared memory" in FAMILY.reject(shape, "bfloat16", cfg)
+    assert FAMILY.reject(shape, "bfloat16", {**cfg, "num_warps": 4}) is None
