@@ -96,8 +96,8 @@ class GemmFamily(Family):
         smem = stages * (bm * bk + bk * bn) * elt
         if v.startswith("tma"):
             # The epilogue tile (half of it with subtiling) staged for the TMA store.
-            # (A split-K partial is float32.)
-            smem += bm * bn * (4 if v in _SPLIT else elt) // (2 if v in _HALF_STORE else 1)
+            # (A split-K partial is float32.) Plus one 8-byte barrier per pipeline stage.
+            smem += bm * bn * (4 if v in _SPLIT else elt) // (2 if v in _HALF_STORE else 1) + 8 * stages
             if v == "tma_persistent_subtile" and bm == 64 and warps == 8:
                 # Two warp groups on 64 rows split N between them, so halving the tile shuffles the
                 # accumulator through shared memory, live while the next tile's loads are in flight
