@@ -31,6 +31,7 @@ VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent", "tma_persi
             "tma_splitk")
 _HALF_STORE = ("tma_persistent_subtile", "tma_stream_k", "tma_splitk")  # variants storing C as two half-tiles
 _SPLIT = ("splitk", "tma_splitk")
+_ONE_TILE = ("tma", "tma_splitk")  # TMA variants whose programs each own one tile
 _INT32_MAX = 2**31 - 1
 
 
@@ -95,9 +96,13 @@ class GemmFamily(Family):
             return f"{warps} warps for a {bm}x{bn} tile leave threads idle"
         smem = stages * (bm * bk + bk * bn) * elt
         if v.startswith("tma"):
-            # The epilogue tile (half of it with subtiling) staged for the TMA store.
-            # (A split-K partial is float32.) Plus one 8-byte barrier per pipeline stage.
-            smem += bm * bn * (4 if v in _SPLIT else elt) // (2 if v in _HALF_STORE else 1) + 8 * stages
+            # The epilogue tile (half of it with subtiling; a split-K partial is float32) staged for
+            # the TMA store. With one tile per program it reuses the pipeline's buffers; a persistent
+            # program's next loads are in flight meanwhile, so there it comes on top. Plus one
+            # 8-byte barrier per pipeline stage. (Exact against Triton 3.6's sm_90 compile for tiles
+            # of 64 rows or more.)
+            epilogue = bm * bn * (4 if v in _SPLIT else elt) // (2 if v in _HALF_STORE else 1)
+            smem = (max(smem, epilogue) if v in _ONE_TILE else smem + epilogue) + 8 * stages
             if v == "tma_persistent_subtile" and bm == 64 and warps == 8:
                 # Two warp groups on 64 rows split N between them, so halving the tile shuffles the
                 # accumulator through shared memory, live while the next tile's loads are in flight
