@@ -250,3 +250,22 @@ def test_shared_memory_model_counts_the_subtile_shuffle_of_two_warp_groups(monke
            "SPLIT_K": 1, "num_warps": 8, "num_stages": 5}
     assert "shared memory" in FAMILY.reject(shape, "bfloat16", cfg)
     assert FAMILY.reject(shape, "bfloat16", {**cfg, "num_warps": 4}) is None
+
+
+@pytest.mark.parametrize("variant,tile,warps,stages,compiled", [
+    ("tma_splitk", (128, 256, 64), 8, 3, 147480),  # one tile a program: the epilogue reuses the pipeline
+    ("tma", (128, 32, 64), 4, 2, 40976),
+    ("tma_persistent", (128, 128, 64), 4, 5, 196648),  # persistent: the epilogue comes on top
+    ("tma_persistent_subtile", (64, 256, 64), 8, 2, 131088),  # plus the two-warp-group shuffle
+    ("tma_stream_k", (256, 64, 128), 4, 2, 180240),
+])
+def test_shared_memory_model_matches_the_sm90_compile(monkeypatch, variant, tile, warps, stages, compiled) -> None:
+    """The constraint's byte count equals what Triton 3.6 allocated compiling these configs for sm_90
+    (``metadata.shared``, compiled on a CPU machine with Triton's bundled ptxas)."""
+    tiny = DeviceFacts("NVIDIA H200", (9, 0), 132, 1, 60 << 20, 989.0, 4800.0)  # 1 byte: every config reports
+    monkeypatch.setattr(gemm_module, "device_facts", lambda *_: tiny)
+    monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
+    bm, bn, bk = tile
+    cfg = {"variant": variant, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+           "SPLIT_K": 2 if variant == "tma_splitk" else 1, "num_warps": warps, "num_stages": stages}
+    assert f"needs {compiled} bytes of shared memory" in FAMILY.reject({"M": 1024, "N": 6144, "K": 4096}, "bfloat16", cfg)
