@@ -230,10 +230,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             return pd.DataFrame()
         tables[cache.shape_key(shape)] = measure(family, shape, args.dtype, args.max_configs, storage,
                                                  scratch / f"{name}_cache.json", args.timeout, only)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if measured is not None:  # the measurements' provenance, and when they were replayed
+        stamp = {"family": family.name, "dtype": args.dtype, "device": device_name, "torch": measured["torch"],
+                 "triton": measured["triton"], "date": measured["date"], "space": space_text, "replayed": now}
+    else:
+        stamp = {"family": family.name, "dtype": args.dtype, "device": device_name, "torch": _version("torch"),
+                 "triton": _version("triton"), "date": now, "space": space_text}
     if args.measure_only:
-        stamp = {"family": family.name, "dtype": args.dtype, "device": facts.name, "torch": _version("torch"),
-                 "triton": _version("triton"), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "space": space_text}
         _write_tables(tables, stamp, out / f"{name}_exhaustive.csv")
         print(f"wrote {out / (name + '_exhaustive.csv')}; replay it anywhere with --table")
         return pd.DataFrame()
@@ -271,13 +275,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     curves.append({"shape": skey, "sampler": sampler, "seed": seed, "trial": i, "n_configs": n,
                                    "fraction_of_best": best_ms / so_far})
 
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    if measured is not None:  # the measurements' provenance, and when they were replayed
-        stamp = {"family": family.name, "dtype": args.dtype, "device": device_name, "torch": measured["torch"],
-                 "triton": measured["triton"], "date": measured["date"], "space": space_text, "replayed": now}
-    else:
-        stamp = {"family": family.name, "dtype": args.dtype, "device": facts.name, "torch": _version("torch"),
-                 "triton": _version("triton"), "date": now, "space": space_text}
     runs_df = pd.DataFrame(runs).assign(**stamp)
     summary = summarize(runs_df).assign(**stamp)
     runs_df.to_csv(out / f"{name}_runs.csv", index=False)

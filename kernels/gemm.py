@@ -49,6 +49,25 @@ def _wave_fill(programs: int, sms: int) -> float:
     return programs / (-(-programs // sms) * sms)
 
 
+def _hopper_tiles(M: int, N: int, K: int, sms: int) -> Config:
+    """The TMA config for M > 64 on Hopper that keeps ``sms`` SMs busy (see ``default_config``)."""
+    cfg: Config = dict(variant="tma_persistent_subtile", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8,
+                       SPLIT_K=1, num_warps=8, num_stages=4)
+    if _wave_fill(-(-M // 128) * -(-N // 256), sms) >= 0.9:
+        return cfg
+    cfg.update(BLOCK_N=128, num_warps=4, num_stages=5)
+    tiles = -(-M // 128) * -(-N // 128)
+    if tiles >= sms:
+        return cfg
+    few = 2 * tiles < sms  # under half the SMs busy: split K while the slices stay long
+    split = next((s for s in (2, 4, 8) if _wave_fill(tiles * s, sms) >= 0.9 and K // s >= 1024), 1) if few else 1
+    if _wave_fill(-(-M // 64) * -(-N // 128), sms) >= 0.9 or (few and split == 1):
+        cfg.update(BLOCK_M=64, BLOCK_K=128, num_stages=4)
+    elif few:
+        cfg.update(variant="tma_splitk", SPLIT_K=split)
+    return cfg
+
+
 def _dims(shape: Shape) -> tuple[int, int, int]:
     return positive_dims("gemm", shape, ("M", "N", "K"))
 
@@ -141,28 +160,12 @@ class GemmFamily(Family):
         space = self.space(shape, dtype)
         facts = device_facts()
         if M > 64 and facts.capability >= (9, 0) and not _tma_misaligned(N, K, dtype):
-            tiles = -(-M // 128) * -(-N // 256)
-            cfg: Config = dict(variant="tma_persistent_subtile", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8,
-                               SPLIT_K=1, num_warps=8, num_stages=4)
-            if _wave_fill(tiles, facts.num_sms) < 0.9:
-                cfg.update(BLOCK_N=128, num_warps=4, num_stages=5)
-                tiles = -(-M // 128) * -(-N // 128)
-                split = next((s for s in (2, 4, 8) if _wave_fill(tiles * s, facts.num_sms) >= 0.9
-                              and K // s >= 1024), 1)
-                if _wave_fill(-(-M // 64) * -(-N // 128), facts.num_sms) >= 0.9 and tiles < facts.num_sms:
-                    cfg.update(BLOCK_M=64, BLOCK_K=128, num_stages=4)
-                elif 2 * tiles < facts.num_sms:
-                    # Under half the SMs busy: K split across programs when the slices stay long,
-                    # else the smaller tiles.
-                    if split > 1:
-                        cfg.update(variant="tma_splitk", SPLIT_K=split)
-                    else:
-                        cfg.update(BLOCK_M=64, BLOCK_K=128, num_stages=4)
+            cfg = _hopper_tiles(M, N, K, facts.num_sms)
         elif M > 64:
             cfg = dict(variant="tiled", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_K=1,
                        num_warps=8, num_stages=3)
         else:
-            sms = device_facts().num_sms
+            sms = facts.num_sms
             bm = 16 if M <= 16 else 64
             rows = -(-M // bm)
             bn = next((b for b in (256, 128, 64) if rows * -(-N // b) >= 0.8 * sms), 32)

@@ -15,6 +15,13 @@ from kernels.device import DeviceFacts
 from kernels.gemm import FAMILY, matmul
 
 
+def _as_h200(monkeypatch, smem_per_block: int = 232448) -> None:
+    """Make the GEMM family see an H200 (compiled, not interpreted) on this machine."""
+    h200 = DeviceFacts("NVIDIA H200", (9, 0), 132, smem_per_block, 60 << 20, 989.0, 4800.0)
+    monkeypatch.setattr(gemm_module, "device_facts", lambda *_: h200)
+    monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
+
+
 def _check(a: torch.Tensor, b: torch.Tensor, dtype: str, device, config=None) -> None:
     out = torch.full((a.shape[0], b.shape[1]), float("nan"), dtype=a.dtype, device=device)
     matmul(a, b, config=config, out=out)
@@ -91,9 +98,7 @@ def test_hopper_default_is_the_subtiled_tma_variant_and_valid(monkeypatch) -> No
     """With an H200's facts: M > 64 with TMA-aligned rows defaults to tma_persistent_subtile (128x256
     tiles when they fill the last wave, else 128x128, or 64x128 when 128x128 tiles leave SMs idle),
     anything else to the pointer variants; every default passes the constraints."""
-    h200 = DeviceFacts("NVIDIA H200", (9, 0), 132, 232448, 60 << 20, 989.0, 4800.0)
-    monkeypatch.setattr(gemm_module, "device_facts", lambda *_: h200)
-    monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
+    _as_h200(monkeypatch)
     picks = {}
     for M in (1, 16, 64, 65, 100, 256, 1024, 4096):
         for N, K in ((4096, 4096), (6144, 4096), (2048, 8192), (4096, 14336), (7, 9), (3072, 2048)):
@@ -242,9 +247,7 @@ def test_shared_memory_model_counts_the_subtile_shuffle_of_two_warp_groups(monke
     """With an H200's facts: 64x256x64 subtiled tiles with 8 warps and 5 stages compiled to 253,992
     bytes of shared memory (above the 232,448 an H200 block may use) and failed on the GPU in the
     efficiency run; the model rules them out before compiling, and keeps the 4-warp twin."""
-    h200 = DeviceFacts("NVIDIA H200", (9, 0), 132, 232448, 60 << 20, 989.0, 4800.0)
-    monkeypatch.setattr(gemm_module, "device_facts", lambda *_: h200)
-    monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
+    _as_h200(monkeypatch)
     shape = {"M": 1024, "N": 6144, "K": 4096}
     cfg = {"variant": "tma_persistent_subtile", "BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8,
            "SPLIT_K": 1, "num_warps": 8, "num_stages": 5}
@@ -262,9 +265,7 @@ def test_shared_memory_model_counts_the_subtile_shuffle_of_two_warp_groups(monke
 def test_shared_memory_model_matches_the_sm90_compile(monkeypatch, variant, tile, warps, stages, compiled) -> None:
     """The constraint's byte count equals what Triton 3.6 allocated compiling these configs for sm_90
     (``metadata.shared``, compiled on a CPU machine with Triton's bundled ptxas)."""
-    tiny = DeviceFacts("NVIDIA H200", (9, 0), 132, 1, 60 << 20, 989.0, 4800.0)  # 1 byte: every config reports
-    monkeypatch.setattr(gemm_module, "device_facts", lambda *_: tiny)
-    monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
+    _as_h200(monkeypatch, smem_per_block=1)  # 1 byte: every config reports its need
     bm, bn, bk = tile
     cfg = {"variant": variant, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
            "SPLIT_K": 2 if variant == "tma_splitk" else 1, "num_warps": warps, "num_stages": stages}
