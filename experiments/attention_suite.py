@@ -45,7 +45,7 @@ from autotune import cache
 from experiments.measure import measure_ceilings, time_ms
 from experiments.suite import precompile
 from kernels.device import default_device, device_facts
-from kernels.family import Family, rel_error
+from kernels.family import Family, config_steps, rel_error
 from kernels.generator import template_hash
 
 HEADS = {"heads_q": 32, "heads_kv": 32}
@@ -67,18 +67,10 @@ PREFILL_BASELINES = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTEN
 DECODE_BASELINES = {"sdpa": None, "sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
 
 
-def _distance(cfg: dict, center: dict) -> float:
-    """How far ``cfg`` is from ``center``: powers of two between numbers, 1 per other category."""
-    return sum(
-        abs(math.log2(cfg[k]) - math.log2(v)) if isinstance(v, int) and not isinstance(v, bool) else float(cfg[k] != v)
-        for k, v in center.items()
-    )
-
-
 def candidates(fam: Family, shape: dict, dtype: str, cap: int) -> list[dict]:
     """The default config, then the ``cap`` valid configs nearest to it (ties in enumeration order)."""
     default = fam.default_config(shape, dtype)
-    rest = sorted((c for c in fam.configs(shape, dtype) if c != default), key=lambda c: _distance(c, default))
+    rest = sorted((c for c in fam.configs(shape, dtype) if c != default), key=lambda c: sum(config_steps(c, default)))
     return [default] + rest[:cap]
 
 

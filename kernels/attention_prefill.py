@@ -3,10 +3,12 @@
 Shape dicts are ``{"batch", "seqlen", "heads_q", "heads_kv", "head_dim", "causal"}``: ``seqlen`` is
 the longest sequence (``max_seqlen``). Structural variants (the categorical parameter ``variant``):
 - ``ptr``: K and V tiles loaded through pointers (any head dim up to 256, padded to a power of two);
-- ``tma`` (Hopper, and the interpreter): K and V tiles through tensor descriptors (head dims that
-  are powers of two).
-Tunables: BLOCK_M (queries per program), BLOCK_N (keys per step), num_warps, num_stages. The
-generator specialises on the head dim, causal or not, and the GQA group size.
+- ``tma`` (Hopper, and the interpreter): Q, K and V tiles through tensor descriptors (head dims
+  that are powers of two); Q stays in shared memory, not in registers.
+Tunables: BLOCK_M (queries per program), BLOCK_N (keys per step), num_warps, num_stages, and
+``maxnreg`` (registers per thread, 0 for the compiler's choice: a cap lets two programs share an SM
+so that one's softmax overlaps the other's matrix products; Triton's launch option of that name).
+The generator specialises on the head dim, causal or not, and the GQA group size.
 
 The template is ``kernels/templates/attention_prefill.py.j2``; the direct call is
 :func:`kernels.attention.prefill`.
@@ -20,7 +22,7 @@ import torch
 
 from kernels import attention
 from kernels.device import device_facts, interpreting
-from kernels.family import Config, Family, Shape, next_pow2, positive_dims, torch_dtype
+from kernels.family import Config, Family, Shape, config_steps, next_pow2, positive_dims, torch_dtype
 
 _KEYS = ("batch", "seqlen", "heads_q", "heads_kv", "head_dim", "causal")
 # A thread holds the float32 accumulator [BLOCK_M, D] and score tile [BLOCK_M, BLOCK_N]; beyond
@@ -77,17 +79,11 @@ def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: tor
 
 
 def nearest_config(configs: list[Config], want: Config) -> Config:
-    """The config of ``configs`` closest to ``want``, comparing keys in ``want``'s order: equal
-    categorical values first, then numeric values by their distance in powers of two."""
-    def distance(cfg: Config) -> tuple:
-        return tuple(
-            abs(math.log2(cfg[k]) - math.log2(v)) if isinstance(v, int) and not isinstance(v, bool) else cfg[k] != v
-            for k, v in want.items()
-        )
-
+    """The config of ``configs`` closest to ``want``, comparing keys in ``want``'s order (see
+    :func:`kernels.family.config_steps`): equal categories first, then numbers by powers of two."""
     if not configs:
         raise ValueError(f"no valid config near {want}")
-    return min(configs, key=distance)
+    return min(configs, key=lambda cfg: tuple(config_steps(cfg, want)))
 
 
 class PrefillFamily(Family):
@@ -107,6 +103,7 @@ class PrefillFamily(Family):
             "BLOCK_N": tiles,
             "num_warps": [4, 8],
             "num_stages": [2, 3, 4],
+            "maxnreg": [0, 128, 168],
         }
 
     def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
@@ -117,6 +114,10 @@ class PrefillFamily(Family):
             return f"float32 accumulator {bm}x{d} and scores {bm}x{bn} need {regs} registers per thread with {warps} warps"
         if dtype == "float32" and (2 * bm * d + bm * bn + bn * d) // (32 * warps) > MAX_FP32_REGS:
             return f"float32 dots keep the q {bm}x{d} and k {bn}x{d} tiles in registers too: too many with {warps} warps"
+        if config["maxnreg"] and config["variant"] != "tma":
+            return "a register cap goes with the tma variant only (the ptr variant keeps Q in registers)"
+        if config["maxnreg"] and config["maxnreg"] < regs + 32:
+            return f"maxnreg={config['maxnreg']} leaves too few registers beside {regs} for accumulator and scores"
         if warps == 8 and bm < 64:
             return "8 warps (two warp groups of 64 rows) need BLOCK_M >= 64"
         if bm * bn // (32 * warps) < 2:
@@ -135,7 +136,7 @@ class PrefillFamily(Family):
         d = head_dim_pad(_dims(shape)[4])
         tma = not interpreting() and device_facts().is_hopper
         want = {"variant": "tma" if tma else "ptr", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if d <= 64 else 8,
-                "num_stages": 3 if d <= 128 else 2}
+                "num_stages": 3 if d <= 128 else 2, "maxnreg": 0}
         return nearest_config(self.configs(shape, dtype), want)
 
     def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
@@ -150,6 +151,7 @@ class PrefillFamily(Family):
             "BLOCK_N": config["BLOCK_N"],
             "NUM_WARPS": config["num_warps"],
             "NUM_STAGES": config["num_stages"],
+            "MAXNREG": config["maxnreg"],
             "FP32": dtype == "float32",
         }
 

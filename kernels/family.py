@@ -93,6 +93,16 @@ def occupancy_reject(tile: int, num_warps: int, max_per_thread: int, what: str) 
     return None
 
 
+def config_steps(config: Config, center: Config) -> list[float]:
+    """Per key of ``center``, in its order, how far ``config`` is from it: powers of two between
+    positive numbers, 1 for any other difference (a category, or 0 meaning "unset")."""
+    return [
+        abs(math.log2(config[k]) - math.log2(v)) if isinstance(v, int) and not isinstance(v, bool) and v > 0 < config[k]
+        else float(config[k] != v)
+        for k, v in center.items()
+    ]
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
