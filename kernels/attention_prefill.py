@@ -131,12 +131,15 @@ class PrefillFamily(Family):
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
         """The valid config nearest the Hopper leads: tensor descriptors on a Hopper GPU (pointers
-        elsewhere and under the interpreter), BLOCK_M 128, BLOCK_N 64, 8 warps for D 128 (4 for
-        D <= 64), 3 stages (2 for D 256)."""
+        elsewhere and under the interpreter), BLOCK_M 128, BLOCK_N 64; for D 64, 4 warps and 3
+        stages; for D 128, 8 warps, 2 stages and registers capped at 128, so two programs share an
+        SM (the best of about 100 configs at B4 L4096, causal and not, in
+        results/attention_suite_nvidia_h200.csv: 1.12-1.13x the uncapped 3-stage config); 2 stages
+        for D 256."""
         d = head_dim_pad(_dims(shape)[4])
         tma = not interpreting() and device_facts().is_hopper
         want = {"variant": "tma" if tma else "ptr", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if d <= 64 else 8,
-                "num_stages": 3 if d <= 128 else 2, "maxnreg": 0}
+                "num_stages": 3 if d <= 64 else 2, "maxnreg": 128 if tma and d == 128 else 0}
         return nearest_config(self.configs(shape, dtype), want)
 
     def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
