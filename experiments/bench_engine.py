@@ -29,8 +29,8 @@ Besides results.csv and the figures of :mod:`experiments.plots` (plus engine_off
 writes the device's ceilings and the targets (targets.csv: offline speedup over HF, tuned over
 default-config Triton, batch-1 decode step over the weight-streaming floor = decode weight bytes /
 copy bandwidth, tuned Triton against PyTorch on every workload) and the per-kernel breakdown of a
-prefill and a decode step of the ``triton`` backend (kernel_breakdown.csv and .png,
-:mod:`engine.profile`), all logged to W&B too. ``tune.n_trials`` > 0 first tunes the triton
+prefill step and of decode steps of the ``triton`` backend (kernel_breakdown.csv and .png,
+:mod:`engine.profile`; kernel_breakdown_triton-default.* for the default-config backend), all logged to W&B too. ``tune.n_trials`` > 0 first tunes the triton
 backend's shape set (the engine's warm-up, ``autotune.tune`` per shape) into the config cache.
 """
 from __future__ import annotations
@@ -233,18 +233,21 @@ def config_sources(llm: LLM) -> str:
     return " / ".join(f"{k} {counts.get(k, 0)}" for k in ("exact", "nearest", "default"))
 
 
-def profile(run: Run, llm: LLM, cfg: DictConfig, ceilings: Ceilings) -> pd.DataFrame:
-    """The per-kernel breakdown of a prefill and a decode step (see engine.profile)."""
+def profile(run: Run, llm: LLM, cfg: DictConfig, ceilings: Ceilings, stem: str) -> pd.DataFrame:
+    """The per-kernel breakdown of a prefill step and of decode steps at each of
+    ``profile.decode_seqs`` (an int or a list) sequences (see engine.profile); written to
+    ``<stem>.csv`` and ``<stem>.png``."""
     from engine.profile import Step, plot_breakdown, profile_steps
 
     pf = cfg.profile
-    steps = [Step("prefill", int(pf.prefill_seqs), int(pf.prefill_tokens), int(pf.prefill_tokens)),
-             Step("decode", int(pf.decode_seqs), 1, int(pf.decode_context))]
+    seqs = pf.decode_seqs if isinstance(pf.decode_seqs, (int, str)) else list(pf.decode_seqs)
+    steps = [Step("prefill", int(pf.prefill_seqs), int(pf.prefill_tokens), int(pf.prefill_tokens))]
+    steps += [Step("decode", int(b), 1, int(pf.decode_context)) for b in (seqs if isinstance(seqs, list) else [seqs])]
     df = profile_steps(llm, steps, ceilings=(ceilings.tflops, ceilings.gbps))
     df.insert(0, "date", run.env["date"])
     df.insert(1, "device", run.env["device"])
-    df.to_csv(run.dir / "kernel_breakdown.csv", index=False)
-    plot_breakdown(df, run.dir / "kernel_breakdown.png",
+    df.to_csv(run.dir / f"{stem}.csv", index=False)
+    plot_breakdown(df, run.dir / f"{stem}.png",
                    f"Per-kernel breakdown, engine {llm.kernels}/{llm.kernel_configs}, {run.dtype}\n"
                    f"{run.env['device']} · {run.env['date']}")
     return df
@@ -387,12 +390,14 @@ def bench_engine_backend(run: Run, name: str, ckpt: Path, cfg: DictConfig, wl: D
     llm.generate([[1] * 8, [1] * 13], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     new = engine_workloads(run, f"engine-{name}", llm, wl, vocab)
     rows += [{**r, "config_sources": sources, "cuda_graphs": llm.uses_cuda_graphs} for r in new]
-    if name == "triton" and cfg.profile.enabled:
+    if name in ("triton", "triton-default") and cfg.profile.enabled:
+        # Both Triton backends, so that a tuned-vs-default gap shows per operator.
+        stem = "kernel_breakdown" if name == "triton" else f"kernel_breakdown_{name}"
         try:
-            run.logger.log_table("kernel_breakdown", profile(run, llm, cfg, ceilings))
+            run.logger.log_table(stem, profile(run, llm, cfg, ceilings, stem))
         except Exception:
             traceback.print_exc()
-            failed.append("triton (kernel breakdown)")
+            failed.append(f"{name} (kernel breakdown)")
     return floor_ms
 
 
@@ -455,7 +460,8 @@ def main(cfg: DictConfig) -> None:
         run.logger.log_table("targets", goals)
         print(goals.to_string(index=False))
         offline_figure(df, run.dir / "engine_offline.png")
-    run.logger.log_images([p for p in (run.dir / "kernel_breakdown.png", run.dir / "engine_offline.png") if p.is_file()])
+    run.logger.log_images([p for p in (run.dir / "kernel_breakdown.png", run.dir / "kernel_breakdown_triton-default.png",
+                                       run.dir / "engine_offline.png") if p.is_file()])
     best = df.loc[df["workload"] == "offline"].sort_values("tokens_per_s").tail(1) if not df.empty else df
     summary = (f"{model.name}, offline best {best['impl'].iloc[0]} {best['tokens_per_s'].iloc[0]:.1f} tokens/s"
                if len(best) else "no backend ran")

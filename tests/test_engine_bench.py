@@ -30,7 +30,7 @@ def bench(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("bench") / "run"
     bench(run, "backends=[triton,triton-default,torch,hf]", "workload=tiny", "workload.batch_sweep.batch_sizes=[1,3]",
-          "workload.online.rates=[4]", f"config_cache={run.parent / 'cache.json'}")
+          "workload.online.rates=[4]", "profile.decode_seqs=[1,2]", f"config_cache={run.parent / 'cache.json'}")
     return run
 
 
@@ -62,10 +62,13 @@ def test_targets_breakdown_figures_and_wandb(run_dir: Path):
     assert len(goals) == 4 and np.isfinite(goals["measured"]).all()
     step1 = goals[goals["target"].str.startswith("batch-1")].iloc[0]
     assert step1["measured"] == pytest.approx(step1["step_ms"] / step1["floor_ms"])
-    kb = pd.read_csv(run_dir / "kernel_breakdown.csv")
-    assert set(kb["phase"]) == {"prefill", "decode"} and (kb["backend"] == "triton/tuned").all()
-    assert {"qkv_proj", "attention", "lm_head", "kernels", "step (eager)"} <= set(kb["operator"])
-    for fig in ("engine_throughput.png", "engine_latency.png", "engine_offline.png", "kernel_breakdown.png"):
+    for stem, backend in (("kernel_breakdown", "triton/tuned"), ("kernel_breakdown_triton-default", "triton/default")):
+        kb = pd.read_csv(run_dir / f"{stem}.csv")
+        assert set(kb["phase"]) == {"prefill", "decode"} and (kb["backend"] == backend).all()
+        assert set(kb.loc[kb["phase"] == "decode", "seqs"]) == {1, 2}  # one decode step per profiled batch size
+        assert {"qkv_proj", "attention", "lm_head", "kernels", "step (eager)"} <= set(kb["operator"])
+    for fig in ("engine_throughput.png", "engine_latency.png", "engine_offline.png", "kernel_breakdown.png",
+                "kernel_breakdown_triton-default.png"):
         assert (run_dir / fig).stat().st_size > 10_000, fig
     [wandb_run] = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     media = wandb_run.parent / "files" / "media"
@@ -73,9 +76,9 @@ def test_targets_breakdown_figures_and_wandb(run_dir: Path):
     def logged(folder: Path) -> set[str]:  # W&B names a file <key>_<step>_<hash>.<ext>
         return {p.name.rsplit("_", 2)[0] for p in folder.iterdir()}
 
-    assert logged(media / "table") == {"results", "targets", "kernel_breakdown"}
+    assert logged(media / "table") == {"results", "targets", "kernel_breakdown", "kernel_breakdown_triton-default"}
     assert logged(media / "images" / "figures") == {"engine_throughput", "engine_latency", "engine_offline",
-                                                   "kernel_breakdown"}
+                                                   "kernel_breakdown", "kernel_breakdown_triton-default"}
 
 
 def test_tune_only_fills_the_cache(tmp_path: Path):
