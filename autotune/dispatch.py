@@ -3,7 +3,15 @@
 ``autotune.tuned("gemm")(a, b)`` computes ``kernels.gemm.matmul(a, b, config=...)``. The first
 call of each (dtype, bucketed shape) looks the config up (exact, then nearest cached shape, see
 :mod:`autotune.cache`) and checks it against the shape's constraints; a missing or no longer valid
-config falls back to the family default (``config=None``). The answer is memoised, so later calls
+config falls back to the family default (``config=None``), and so does a nearest shape farther
+than ``max_distance`` (default :data:`NEAREST_MAX_DISTANCE`) in the cache's log distance.
+
+Why a limit: a config is tuned for its shape's tile counts. The engine's GEMMs run at many M (the
+tokens of a step), and the 128x128 tile tuned at M = 2048 (192 tiles of 128x256 there: 1.45 waves
+on 132 SMs) is the wrong choice at M = 4096, where the default's wave rule picks 128x256 (2.9 full
+waves). With every neighbour trusted, the tuned engine ran the H200 offline workload at 0.95x the
+default-config engine (results/bench_engine_nvidia_h200/, 2026-11-27); the defaults adapt to the
+shape, a far neighbour's config does not. The answer is memoised, so later calls
 cost the shape extraction, one tuple and one dict lookup: this is what the engine calls on its
 hot path. The cache file is read once per dispatcher (:meth:`TunedDispatch.refresh` rereads it).
 """
@@ -19,6 +27,9 @@ import torch
 from autotune import cache, families
 from kernels.family import Config, Family, dtype_name
 
+# ln(1.25): a neighbour within a quarter in one dimension (or less in several) is trusted.
+NEAREST_MAX_DISTANCE = 0.223
+
 
 def _call_dtype(args: tuple, kwargs: dict) -> str:
     """The dtype of a call: that of its first tensor argument."""
@@ -31,10 +42,12 @@ def _call_dtype(args: tuple, kwargs: dict) -> str:
 class TunedDispatch:
     """A family's direct call, launched with the cached config of each shape (see the module docstring)."""
 
-    def __init__(self, family: str | Family, cache_path: str | os.PathLike | None = None, nearest: bool = True):
+    def __init__(self, family: str | Family, cache_path: str | os.PathLike | None = None, nearest: bool = True,
+                 max_distance: float | None = NEAREST_MAX_DISTANCE):
         self.family = families.resolve(family)
         self.cache_path: Path = cache.resolve_path(cache_path)
         self.nearest = nearest
+        self.max_distance = max_distance  # None: any nearest shape
         self._entries: dict[str, dict] | None = None
         self._memo: dict[tuple, Config | None] = {}
         self.sources: dict[tuple, str] = {}  # memo key -> "exact", "nearest" or "default"
@@ -73,6 +86,8 @@ class TunedDispatch:
             dtype = key[0]
             entry = cache.select(self._entries, self.family.name, dtype, shape, nearest=self.nearest)
             config, source = None, "default"
+            if entry is not None and self.max_distance is not None and entry["distance"] > self.max_distance:
+                entry = None  # too far for its tile choices to carry over: the default adapts to the shape
             if entry is not None:
                 try:
                     config = self.family.check_config(shape, dtype, entry["config"])
@@ -87,10 +102,12 @@ class TunedDispatch:
 _DISPATCHERS: dict[tuple, TunedDispatch] = {}
 
 
-def tuned(family: str | Family, *, cache_path: str | os.PathLike | None = None, nearest: bool = True) -> TunedDispatch:
-    """The tuned-dispatch callable of ``family`` (one shared instance per family and cache file)."""
+def tuned(family: str | Family, *, cache_path: str | os.PathLike | None = None, nearest: bool = True,
+          max_distance: float | None = NEAREST_MAX_DISTANCE) -> TunedDispatch:
+    """The tuned-dispatch callable of ``family`` (one shared instance per family, cache file and
+    lookup policy). ``max_distance``: the farthest nearest shape whose config is used (None: any)."""
     fam = families.resolve(family)
-    key = (families.reference(fam), str(cache.resolve_path(cache_path)), nearest)
+    key = (families.reference(fam), str(cache.resolve_path(cache_path)), nearest, max_distance)
     if key not in _DISPATCHERS:
-        _DISPATCHERS[key] = TunedDispatch(fam, cache_path, nearest)
+        _DISPATCHERS[key] = TunedDispatch(fam, cache_path, nearest, max_distance)
     return _DISPATCHERS[key]

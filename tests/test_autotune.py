@@ -238,7 +238,8 @@ def test_tuned_dispatch_uses_the_cached_config_once_and_falls_back(tmp_path, mon
     for dtype, m, want_config, source in [
         ("float16", 16, chosen, "exact"),
         ("float16", 16, chosen, "exact"),  # memoised: no second read
-        ("float16", 24, chosen, "nearest"),
+        ("float16", 18, chosen, "nearest"),  # log distance ln(18/16) = 0.12: near enough
+        ("float16", 24, None, "default"),  # ln(24/16) = 0.41: beyond NEAREST_MAX_DISTANCE
         ("float32", 16, None, "default"),  # the nearest entry's BLOCK_M=128 is invalid for M=16
     ]:
         inputs = fam.make_inputs({**SHAPE, "M": m}, dtype, device, seed=m)
@@ -247,6 +248,8 @@ def test_tuned_dispatch_uses_the_cached_config_once_and_falls_back(tmp_path, mon
         assert dispatch.config_for({**exact_shape, "M": m}, dtype) == (want_config, source)
         assert rel_error(out, fam.reference(inputs)) <= fam.tolerance(dtype, device)
     assert len(reads) == 1
+    assert autotune.tuned("gemm", cache_path=path, max_distance=None).config_for(
+        {**exact_shape, "M": 24}, "float16") == (chosen, "nearest")  # no limit: any neighbour
     assert autotune.tuned("gemm", cache_path=path) is autotune.tuned("gemm", cache_path=path)
     assert autotune.tuned("gemm", cache_path=tmp_path / "none.json").config_for(SHAPE, "float16") == (None, "default")
 
