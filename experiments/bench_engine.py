@@ -25,6 +25,8 @@ ids without decoding them to text (``detokenize=False``), as HF ``generate`` doe
   decode, TTFT p50, median over ``repeats``. HF: (wall - wall of a 1-token run) / (output_len - 1);
 - ``online`` (engine): Poisson arrivals at each rate, served through ``add_request``/``step``:
   TTFT, TPOT and inter-token latency at p50 and p99.
+While it runs, results_partial.csv holds the rows of the backends done so far (a run cut off by a
+time limit keeps them; a finished run replaces it by results.csv).
 Besides results.csv and the figures of :mod:`experiments.plots` (plus engine_offline.png), the run
 writes the device's ceilings and the targets (targets.csv: offline speedup over HF, tuned over
 default-config Triton, batch-1 decode step over the weight-streaming floor = decode weight bytes /
@@ -451,6 +453,8 @@ def main(cfg: DictConfig) -> None:
             failed.append(name)
         _free()  # the backend's model and caches go before the next one loads
         print(f"bench_engine: {name} took {time.perf_counter() - t0:.1f} s")
+        # Each finished backend's rows are on disk at once: a run stopped by a time limit keeps them.
+        pd.DataFrame(rows).to_csv(run.dir / "results_partial.csv", index=False)
     for r in rows:
         r.update(ceiling_tflops=ceilings.tflops, ceiling_gbps=ceilings.gbps)
     df = pd.DataFrame(rows)
@@ -466,6 +470,7 @@ def main(cfg: DictConfig) -> None:
     summary = (f"{model.name}, offline best {best['impl'].iloc[0]} {best['tokens_per_s'].iloc[0]:.1f} tokens/s"
                if len(best) else "no backend ran")
     run.finish(rows, summary)
+    (run.dir / "results_partial.csv").unlink(missing_ok=True)  # results.csv holds every row now
     if failed:
         print(f"error: backends {failed} failed (tracebacks above); the table holds the others", file=sys.stderr)
         raise SystemExit(1)

@@ -36,6 +36,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_every_backend_on_every_workload(run_dir: Path):
     df = pd.read_csv(run_dir / "results.csv")
+    assert not (run_dir / "results_partial.csv").exists()  # only a run cut off leaves it
     assert {"date", "device", "torch", "triton", "transformers", "ceiling_gbps"} <= set(df.columns)
     assert df["tokens_per_s"].to_numpy() == pytest.approx((df["output_tokens"] / df["wall_s"]).to_numpy())
     sweep = df[df["workload"] == "batch_sweep"]
