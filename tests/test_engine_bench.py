@@ -49,6 +49,8 @@ def test_every_backend_on_every_workload(run_dir: Path):
     assert sorted(offline["impl"]) == sorted([*ENGINES, "hf", "hf"])  # HF once per candidate batch size
     engines = offline[offline["impl"].isin(ENGINES)]
     assert engines["output_tokens"].nunique() == 1 and (engines["requests"] == 4).all()  # the same requests
+    warmed = engines.set_index("impl")["note"].fillna("").str.contains("untimed pass")
+    assert warmed.to_dict() == {"engine-triton": True, "engine-triton-default": True, "engine-torch": False}
     hf = offline[offline["impl"] == "hf"]
     assert list(hf["requests"]) == [2, 4] and hf["note"].str.contains("requested tokens only").all()
     online = df[df["workload"] == "online"]
