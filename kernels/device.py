@@ -6,10 +6,12 @@ CPU through numpy. The variable must be set before ``triton`` is first imported,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -73,14 +75,37 @@ def device_key(name: str) -> str:
 # Datasheet leads for the cards the workbench is measured on (dense bf16, HBM).
 _PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0)}
 
+# Facts of cards as PyTorch reports them there (SXM parts), for compiling on a machine without them.
+KNOWN_DEVICES = {
+    "h100": DeviceFacts("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, 50 << 20, *_PEAKS["H100"]),
+    "h200": DeviceFacts("NVIDIA H200", (9, 0), 132, 232448, 60 << 20, *_PEAKS["H200"]),
+}
+_ASSUMED: list[DeviceFacts] = []  # the innermost assume_device block last
 
-@functools.lru_cache(maxsize=None)
+
+@contextlib.contextmanager
+def assume_device(facts: DeviceFacts) -> Iterator[DeviceFacts]:
+    """Within the block :func:`device_facts` answers ``facts`` for every device, so that spaces,
+    constraints and defaults are those of a GPU this machine lacks (see kernels.gpu_compile)."""
+    _ASSUMED.append(facts)
+    try:
+        yield facts
+    finally:
+        _ASSUMED.pop()
+
+
 def device_facts(device: str | torch.device | None = None) -> DeviceFacts:
-    """Facts of ``device`` (default: :func:`default_device`).
+    """Facts of ``device`` (default: :func:`default_device`), or those an :func:`assume_device`
+    block set.
 
     Under the interpreter the 'device' is the CPU: its facts mimic a Hopper card (so the same
     constraints apply to the same configs) with a small program count, so persistent kernels loop.
     """
+    return _ASSUMED[-1] if _ASSUMED else _probe(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(device: str | torch.device | None) -> DeviceFacts:
     dev = torch.device(device) if device is not None else default_device()
     if dev.type != "cuda":
         return DeviceFacts("cpu-interpreter", (0, 0), 4, 232448, 50 << 20, 1.0, 50.0)

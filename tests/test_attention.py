@@ -7,7 +7,12 @@ raise ValueError/TypeError naming the problem.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -67,6 +72,42 @@ def test_prefill_tiles_and_variants(variant: str, maxnreg: int, block_m: int, bl
         pytest.skip("tensor descriptors need Hopper or the interpreter")
     PREFILL.check_config(shape, dtype, config)
     _check(PREFILL, inputs, config, dtype, device)
+
+
+_RESOURCES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import kernels
+    from kernels import gpu_compile
+    from kernels.device import KNOWN_DEVICES, assume_device
+    fam = kernels.get_family("attention_prefill")
+    shape = {"batch": 2, "seqlen": 256, "heads_q": 4, "heads_kv": 4, "head_dim": 128, "causal": True}
+    tile = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    with assume_device(KNOWN_DEVICES["h200"]):
+        default = fam.default_config(shape, "bfloat16")
+        out = {"default": default}
+        for name, cfg in (("default", default), ("tma", {"variant": "tma", **tile, "maxnreg": 0}),
+                          ("ptr", {"variant": "ptr", **tile, "maxnreg": 0})):
+            [out[name + "_sm90"]] = gpu_compile.resources(fam, shape, "bfloat16", cfg, arch=90)
+    print(json.dumps(out))
+""")
+
+
+def test_prefill_on_hopper_keeps_q_in_shared_memory_and_its_default_fits_the_register_cap(tmp_path) -> None:
+    """Compiled for sm_90 with an H200's facts (Triton's NVIDIA backend and ptxas, no GPU): the tma
+    variant reads Q from shared memory, so its 128x64 tile on 8 warps needs far fewer registers
+    than the ptr variant, which holds Q in registers; the D 128 default caps them at 128 without
+    spilling, two programs' worth of registers and shared memory per SM."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "WORKBENCH_KERNEL_CACHE": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _RESOURCES_SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["default"] == {"variant": "tma", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2,
+                              "maxnreg": 128}
+    assert got["default_sm90"]["registers"] <= 128 and got["default_sm90"]["spill_bytes"] == 0
+    assert 2 * got["default_sm90"]["shared"] <= 232448  # two programs fit an H200 SM's shared memory
+    assert got["tma_sm90"]["registers"] < 170 < 200 < got["ptr_sm90"]["registers"]
+    assert got["tma_sm90"]["spill_bytes"] == 0
 
 
 def test_prefill_strided_views_scale_and_check_values(device: torch.device) -> None:
