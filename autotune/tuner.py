@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -122,9 +123,13 @@ def _sqlite_storage(url: str) -> RDBStorage:
 
 
 def study_name(family: Family, shape: dict, dtype: str, only: dict[str, list] | None = None) -> str:
-    """``<family>|<dtype>|<shape>|<device key>|<template hash>``: one study per tuning problem; a
-    search restricted to a sub-grid is a problem of its own (``|space=<the restriction>``)."""
-    name = f"{family.name}|{dtype}|{cache.shape_key(shape)}|{device_facts().key}|{template_hash(family)}"
+    """``<family>|<dtype>|<shape>|<device key>|<template hash>|grid=<digest>``: one study per tuning
+    problem. The digest is of the shape's whole search space: a space that changed without its
+    template (a value added to a categorical parameter) is a new problem, and Optuna could not
+    resume the old study with it ("CategoricalDistribution does not support dynamic value space").
+    A search restricted to a sub-grid is a problem of its own (``|space=<the restriction>``)."""
+    grid = hashlib.sha256(json.dumps(family.space(shape, dtype), sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{family.name}|{dtype}|{cache.shape_key(shape)}|{device_facts().key}|{template_hash(family)}|grid={grid}"
     return name if only is None else f"{name}|space={json.dumps(only, sort_keys=True, separators=(',', ':'))}"
 
 

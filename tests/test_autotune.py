@@ -90,6 +90,20 @@ def test_resume_runs_only_the_missing_trials(gemm_tune):
     assert again.trials["status"].isin(["ok", "failed"]).sum() == 5
 
 
+def test_a_changed_space_is_a_new_study(tmp_path, monkeypatch):
+    """Optuna cannot resume a study whose categorical values changed; a space that changes without
+    its template (a variant dropped here) gets a study of its own instead of an error."""
+    fam = kernels.get_family("gemm")
+    kw = dict(cache_path=tmp_path / "cache.json", storage=tmp_path / "optuna.db", compile_workers=0)
+    first = autotune.tune("gemm", SHAPE, "float16", n_trials=2, **kw)
+    full = type(fam).space
+    monkeypatch.setattr(type(fam), "space", lambda self, shape, dtype: {**full(self, shape, dtype),
+                                                                         "variant": full(self, shape, dtype)["variant"][:-1]})
+    second = autotune.tune("gemm", SHAPE, "float16", n_trials=3, **kw)
+    assert second.study_name != first.study_name and "|grid=" in second.study_name
+    assert (second.n_trials, second.new_trials) == (3, 3)
+
+
 def test_faulty_candidates_fail_with_their_reason_and_the_study_completes(tmp_path):
     res = autotune.tune(faulty_family.FAMILY, {"n": 64}, "float32", n_trials=None, sampler="random", seed=3,
                         cache_path=tmp_path / "cache.json", storage=tmp_path / "optuna.db", timeout_s=3,
