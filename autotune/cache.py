@@ -16,7 +16,8 @@ overwritten: reading or writing it raises :class:`CacheFileError` naming it, and
 
 Lookup order: the exact shape; then (``nearest``) the closest shape of the same family, dtype and
 device, by Euclidean distance over the logarithms of the integer dimensions, where non-integer
-dimensions (booleans, strings) must agree; then None (callers fall back to the family default).
+dimensions (booleans, strings) must agree, and (with ``max_distance``) no farther than that; then
+None (callers fall back to the family default).
 A key that only one of the two shapes has (an optional dimension with a default, such as the GEMM's
 ``b_transposed``) is ignored for matching and only breaks ties.
 """
@@ -132,9 +133,11 @@ def select(
     *,
     nearest: bool = True,
     device_key: str | None = None,
+    max_distance: float | None = None,
 ) -> Entry | None:
     """The entry for ``shape`` among ``entries`` (see the module docstring for the order), with
-    ``"match"`` ("exact" or "nearest") and ``"distance"`` added; None when nothing matches."""
+    ``"match"`` ("exact" or "nearest") and ``"distance"`` added; None when nothing matches.
+    ``max_distance``: the farthest a nearest shape may be (None: any distance)."""
     device_key = device_key or device_facts().key
     exact = entries.get(entry_key(family_name, dtype, shape))
     if exact is not None and exact.get("device_key", device_key) == device_key:
@@ -148,7 +151,9 @@ def select(
         if entry.get("device_key", device_key) != device_key:
             continue
         d = shape_distance(shape, entry.get("shape", {}))
-        if d is not None and (best is None or (*d, key) < best[0]):
+        if d is None or (max_distance is not None and d[0] > max_distance):
+            continue
+        if best is None or (*d, key) < best[0]:
             best = ((*d, key), entry)
     if best is None:
         return None

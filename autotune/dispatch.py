@@ -84,10 +84,10 @@ class TunedDispatch:
             if self._entries is None:
                 self._entries = cache.read(self.cache_path)
             dtype = key[0]
-            entry = cache.select(self._entries, self.family.name, dtype, shape, nearest=self.nearest)
+            # A neighbour too far for its tile choices to carry over is no match: the default adapts.
+            entry = cache.select(self._entries, self.family.name, dtype, shape, nearest=self.nearest,
+                                 max_distance=self.max_distance)
             config, source = None, "default"
-            if entry is not None and self.max_distance is not None and entry["distance"] > self.max_distance:
-                entry = None  # too far for its tile choices to carry over: the default adapts to the shape
             if entry is not None:
                 try:
                     config = self.family.check_config(shape, dtype, entry["config"])

@@ -67,6 +67,8 @@ from kernels.family import torch_dtype
 # backend -> (LLM kernels, kernel_configs); "hf" is transformers.
 ENGINE_BACKENDS = {"triton": ("triton", "tuned"), "triton-default": ("triton", "default"), "torch": ("torch", "tuned")}
 BACKENDS = (*ENGINE_BACKENDS, "hf")
+# The engine backends on Triton kernels: compiled on first use, and profiled kernel by kernel.
+TRITON_BACKENDS = tuple(b for b, (kernels, _) in ENGINE_BACKENDS.items() if kernels == "triton")
 DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "tie_word_embeddings")
 
@@ -253,9 +255,9 @@ def profile(run: Run, llm: LLM, cfg: DictConfig, ceilings: Ceilings, stem: str) 
     from engine.profile import Step, plot_breakdown, profile_steps
 
     pf = cfg.profile
-    seqs = pf.decode_seqs if isinstance(pf.decode_seqs, (int, str)) else list(pf.decode_seqs)
+    sizes = [pf.decode_seqs] if isinstance(pf.decode_seqs, (int, str)) else list(pf.decode_seqs)
     steps = [Step("prefill", int(pf.prefill_seqs), int(pf.prefill_tokens), int(pf.prefill_tokens))]
-    steps += [Step("decode", int(b), 1, int(pf.decode_context)) for b in (seqs if isinstance(seqs, list) else [seqs])]
+    steps += [Step("decode", int(b), 1, int(pf.decode_context)) for b in sizes]
     df = profile_steps(llm, steps, ceilings=(ceilings.tflops, ceilings.gbps))
     df.insert(0, "date", run.env["date"])
     df.insert(1, "device", run.env["device"])
@@ -264,6 +266,11 @@ def profile(run: Run, llm: LLM, cfg: DictConfig, ceilings: Ceilings, stem: str) 
                    f"Per-kernel breakdown, engine {llm.kernels}/{llm.kernel_configs}, {run.dtype}\n"
                    f"{run.env['device']} · {run.env['date']}")
     return df
+
+
+def breakdown_stem(backend: str) -> str:
+    """File stem (and W&B table name) of a Triton backend's per-kernel breakdown."""
+    return "kernel_breakdown" if backend == "triton" else f"kernel_breakdown_{backend}"
 
 
 # --- Hugging Face -----------------------------------------------------------------------------------
@@ -401,11 +408,11 @@ def bench_engine_backend(run: Run, name: str, ckpt: Path, cfg: DictConfig, wl: D
     sources = config_sources(llm)
     # Prefill kernels compile here (token counts with and without a multiple of 16).
     llm.generate([[1] * 8, [1] * 13], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
-    new = engine_workloads(run, f"engine-{name}", llm, wl, vocab, jit=name.startswith("triton"))
+    new = engine_workloads(run, f"engine-{name}", llm, wl, vocab, jit=name in TRITON_BACKENDS)
     rows += [{**r, "config_sources": sources, "cuda_graphs": llm.uses_cuda_graphs} for r in new]
-    if name in ("triton", "triton-default") and cfg.profile.enabled:
+    if name in TRITON_BACKENDS and cfg.profile.enabled:
         # Both Triton backends, so that a tuned-vs-default gap shows per operator.
-        stem = "kernel_breakdown" if name == "triton" else f"kernel_breakdown_{name}"
+        stem = breakdown_stem(name)
         try:
             run.logger.log_table(stem, profile(run, llm, cfg, ceilings, stem))
         except Exception:
@@ -475,8 +482,8 @@ def main(cfg: DictConfig) -> None:
         run.logger.log_table("targets", goals)
         print(goals.to_string(index=False))
         offline_figure(df, run.dir / "engine_offline.png")
-    run.logger.log_images([p for p in (run.dir / "kernel_breakdown.png", run.dir / "kernel_breakdown_triton-default.png",
-                                       run.dir / "engine_offline.png") if p.is_file()])
+    figures = [run.dir / f"{breakdown_stem(b)}.png" for b in TRITON_BACKENDS] + [run.dir / "engine_offline.png"]
+    run.logger.log_images([p for p in figures if p.is_file()])
     best = df.loc[df["workload"] == "offline"].sort_values("tokens_per_s").tail(1) if not df.empty else df
     summary = (f"{model.name}, offline best {best['impl'].iloc[0]} {best['tokens_per_s'].iloc[0]:.1f} tokens/s"
                if len(best) else "no backend ran")

@@ -1,6 +1,7 @@
 """GEMM family: strides, specialisation of the emitted source, constraints and bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,13 +12,13 @@ import torch
 import kernels
 from kernels.family import rel_error
 import kernels.gemm as gemm_module
-from kernels.device import DeviceFacts
+from kernels.device import KNOWN_DEVICES
 from kernels.gemm import FAMILY, matmul
 
 
 def _as_h200(monkeypatch, smem_per_block: int = 232448) -> None:
     """Make the GEMM family see an H200 (compiled, not interpreted) on this machine."""
-    h200 = DeviceFacts("NVIDIA H200", (9, 0), 132, smem_per_block, 60 << 20, 989.0, 4800.0)
+    h200 = dataclasses.replace(KNOWN_DEVICES["h200"], smem_per_block=smem_per_block)
     monkeypatch.setattr(gemm_module, "device_facts", lambda *_: h200)
     monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
 
