@@ -26,7 +26,7 @@ from engine.ops import BACKENDS, CONFIG_MODES, get_ops
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
-from engine.warmup import resolve_configs, tune_configs
+from engine.warmup import compile_ahead, compile_plan, resolve_configs, tune_configs
 from kernels.family import DTYPES
 
 
@@ -160,6 +160,7 @@ class LLM:
         self.last_batch: ScheduledBatch | None = None  # what the latest step ran (benchmarks read it)
         self.resolved_configs: list[dict[str, Any]] = []  # the warm-up's shape set (see engine/warmup.py)
         self.tuned_configs: list[dict[str, Any]] = []
+        self.compile_plan: tuple[list[int], list[int]] = ([], [])  # token and row counts compiled ahead
         self.warmup(tune_trials=tune_trials)
 
     @property
@@ -177,9 +178,11 @@ class LLM:
         prefill_sizes: list[int] | None = None,
         timeout_s: float = 60.0,
         storage: str | Path | None = None,
+        compile_kernels: bool = True,
     ) -> list[dict[str, Any]]:
         """Resolve (and with ``tune_trials`` > 0 first tune) the Triton configs of the engine's steps,
-        then capture the decode CUDA graphs. Returns the shape set (``resolved_configs``).
+        compile their kernels, then capture the decode CUDA graphs. Returns the shape set
+        (``resolved_configs``).
 
         Steps: decode at ``decode_sizes`` sequences (default: the CUDA-graph batch buckets up to
         max_num_seqs) over the longest allowed context, and one-sequence prefill chunks of
@@ -188,6 +191,11 @@ class LLM:
         ``families`` (default all) and writes the winners into the config cache (its studies go to the
         Optuna ``storage``, None for autotune's default file under results/). Does nothing with
         kernels="torch". Call it while no request is running (it writes the KV cache on CUDA).
+
+        ``compile_kernels`` (CUDA only: the interpreter compiles nothing): launch once the step sizes
+        of :func:`engine.warmup.compile_plan` -- every kernel binary a step of up to
+        max_num_batched_tokens tokens, or the logits of up to max_num_seqs rows, can launch -- so that
+        no request waits for Triton's compiler (``compile_plan`` keeps the token and row counts).
         """
         if self.kernels != "triton":
             return []
@@ -206,6 +214,10 @@ class LLM:
             self.runner.model.ops.refresh()
             rows = resolve_configs(self.runner, decode_sizes, prefill_sizes, self.max_model_len)
         self.resolved_configs = rows
+        if compile_kernels and self.device.type == "cuda":
+            self.compile_plan = compile_plan(self.runner, min(self.max_num_batched_tokens, self.max_model_len),
+                                             self.max_num_seqs)
+            compile_ahead(self.runner, *self.compile_plan)
         if self.uses_cuda_graphs:
             self.runner.capture_decode_graphs(batch_buckets(self.max_num_seqs), self.max_model_len)
         return rows

@@ -11,6 +11,14 @@ config, source), source being "exact", "nearest" or "default" (nothing cached ne
 :func:`tune_configs` runs ``autotune.tune`` with a small budget on each distinct (family, dtype,
 shape) of such a set, which writes the winners into the best-config cache; the backend then
 rereads the cache (``TritonOps.refresh``) and the next resolution finds them exactly.
+
+:func:`compile_plan` lists the step sizes whose launch compiles every kernel binary that steps of
+1..max tokens (and logits of 1..max rows) can launch, so that the warm-up compiles them all before
+serving instead of the first request of a new size paying a compile (hundreds of ms to seconds: on an
+H200 the online benchmark's p99 time to first token was 1.3 s, a compile, before this existed).
+Triton compiles one binary per emitted module and per specialisation of its integer arguments
+(equal to 1, divisible by 16, or neither); the varying token count is what moves a step between
+them, and, with tuned configs, between modules: each token count resolves its own nearest config.
 """
 from __future__ import annotations
 
@@ -18,8 +26,10 @@ import json
 import os
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+import kernels
 from engine.model_runner import ModelRunner
 
 
@@ -41,6 +51,58 @@ def resolve_configs(
             runner.run_dummy(seqs, query_len, context_len)
         rows += [{"step": kind, "seqs": seqs, "tokens": seqs * query_len, **r} for r in resolved.values()]
     return rows
+
+
+def binary_key(row: dict[str, Any]) -> tuple:
+    """What Triton compiles a resolved launch (a :func:`resolve_configs` / dry-run row) into: the
+    emitted module of its (shape, dtype, config), and the specialisation class of each integer of its
+    shape (== 1, divisible by 16; the kernel's integer arguments derive from them)."""
+    _, module = kernels.get_family(row["family"]).resolve(row["shape"], row["dtype"], row["config"])
+    classes = tuple((k, v == 1, v % 16 == 0) if isinstance(v, int) and not isinstance(v, bool) else (k, v)
+                    for k, v in sorted(row["shape"].items()))
+    return module.__name__, classes
+
+
+@torch.inference_mode()
+def compile_plan(runner: ModelRunner, max_tokens: int, max_rows: int) -> tuple[list[int], list[int]]:
+    """(token counts, logits row counts): one-sequence prefill steps of those token counts, and the
+    LM head on those numbers of rows, launch every kernel binary (:func:`binary_key`) that a step of
+    1..``max_tokens`` tokens or the logits of 1..``max_rows`` rows launch. Each count is dry-run
+    (nothing launches) and kept when it meets a binary no smaller count met. Needs the Triton backend."""
+    ops = runner.model.ops
+    if not hasattr(ops, "dry_run"):
+        raise ValueError(f"a compile plan needs the Triton backend, the engine runs {ops.name!r}")
+    seen: set[tuple] = set()
+
+    def meets_new(resolved: dict) -> bool:
+        keys = {binary_key(r) for r in resolved.values()} - seen
+        seen.update(keys)
+        return bool(keys)
+
+    tokens, rows = [], []
+    for t in range(1, max_tokens + 1):
+        with ops.dry_run() as resolved:
+            runner.run_dummy(1, t, t)
+        if meets_new(resolved):
+            tokens.append(t)
+    hidden = torch.zeros(max_rows, runner.config.hidden_size, dtype=runner.dtype, device=runner.device)
+    for b in range(1, max_rows + 1):
+        with ops.dry_run() as resolved:
+            runner.model.logits(hidden[:b])
+        if meets_new(resolved):
+            rows.append(b)
+    return tokens, rows
+
+
+@torch.inference_mode()
+def compile_ahead(runner: ModelRunner, tokens: list[int], rows: list[int]) -> None:
+    """Launch the steps of a :func:`compile_plan` once, which compiles their kernels (they write the
+    KV cache: call it while the engine is idle)."""
+    hidden = torch.zeros(max(rows, default=0), runner.config.hidden_size, dtype=runner.dtype, device=runner.device)
+    for t in tqdm(tokens, desc="compile step sizes", unit="size", leave=False):
+        runner.run_dummy(1, t, t)
+    for b in rows:
+        runner.model.logits(hidden[:b])
 
 
 def tune_configs(

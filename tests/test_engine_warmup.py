@@ -105,3 +105,35 @@ def test_bad_warmup_calls_and_long_prompts(model_dir):
     llm.abort_all()
     torch_llm = LLM(model_dir, kernels="torch", num_kv_blocks=8)
     assert torch_llm.warmup(tune_trials=1) == [] and not torch_llm.uses_cuda_graphs
+
+
+def test_compile_plan_covers_every_binary_a_step_can_launch(model_dir, tmp_path):
+    """The token counts the warm-up compiles on a GPU: one per new (emitted module, integer
+    specialisation). With a tuned QKV config cached at M=24, the first token count that resolves it
+    (20: within the dispatch's distance limit, ln(24/20) < 0.223) must be compiled too."""
+    from autotune import cache as config_cache
+    from engine.warmup import binary_key, compile_plan
+
+    path = tmp_path / "cache.json"
+    llm = LLM(model_dir, block_size=4, num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=40, config_cache=path)
+    assert llm.compile_plan == ([], [])  # the interpreter compiles nothing ahead
+    c, gemm = llm.config, autotune.families.resolve("gemm")
+    shape = {"M": 24, "N": (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, "K": c.hidden_size, "b_transposed": True}
+    default = gemm.default_config(shape, "float32")
+    tuned = next(cfg for cfg in gemm.configs(shape, "float32") if cfg != default)
+    config_cache.write(path, [{"family": "gemm", "dtype": "float32", "shape": shape, "config": tuned}])
+    llm.runner.model.ops.refresh()
+
+    tokens, rows = compile_plan(llm.runner, 40, 4)
+    assert {1, 2, 16} <= set(tokens)
+    assert 20 in tokens and all(1 <= t <= 40 for t in tokens) and len(tokens) < 40
+    assert 2 in rows and 1 not in rows  # one row of logits is what every prefill step computes
+
+    def keys(t: int) -> set:
+        with llm.runner.model.ops.dry_run() as resolved:
+            llm.runner.run_dummy(1, t, t)
+        return {binary_key(r) for r in resolved.values()}
+
+    planned = set().union(*(keys(t) for t in tokens))
+    assert all(keys(t) <= planned for t in range(1, 41))
+    assert any(k[0] == gemm.resolve(shape, "float32", tuned)[1].__name__ for k in planned)
