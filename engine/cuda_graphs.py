@@ -69,8 +69,11 @@ class DecodeGraphs:
         self._device_buffers = (self.ids, self.positions, self.slots, self.context_lens, self.block_tables)
         if dev.type == "cuda":
             # Pinned host copies, sent with asynchronous copies; every step ends in a host sync (the
-            # sampled tokens), so the next step never overwrites a copy still in flight.
-            self._host = tuple(torch.empty_like(t, device="cpu").pin_memory() for t in self._device_buffers)
+            # sampled tokens), so the next step never overwrites a copy still in flight. They start
+            # as copies of the device buffers: a padding row's block-table row is sent as the host
+            # holds it, and uninitialised host memory there once sent garbage block ids, which the
+            # padding row's one cached token was then read through (an illegal address on an H200).
+            self._host = tuple(t.cpu().pin_memory() for t in self._device_buffers)
         else:
             self._host = self._device_buffers
         self._np = tuple(t.numpy() for t in self._host)
