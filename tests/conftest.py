@@ -27,15 +27,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--gpu"):
-        skip = pytest.mark.skip(reason="CPU float32 comparison; on the GPU, experiments.engine_agreement checks bfloat16")
-        marker = "cpu_only"
-    else:
-        skip = pytest.mark.skip(reason="needs a CUDA GPU: run with --gpu on the GPU machine")
-        marker = "gpu"
+    marker = "cpu_only" if config.getoption("--gpu") else "gpu"
+    default = "a CPU-only test" if marker == "cpu_only" else "needs a CUDA GPU: run with --gpu on the GPU machine"
     for item in items:
-        if marker in item.keywords:
-            item.add_marker(skip)
+        mark = item.get_closest_marker(marker)
+        if mark is not None:
+            item.add_marker(pytest.mark.skip(reason=mark.kwargs.get("reason", default)))
 
 
 @pytest.fixture(scope="session")

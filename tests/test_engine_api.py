@@ -179,7 +179,8 @@ def test_checkpoint_cli(tmp_path):
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is True and "rope_parameters" not in cfg
     assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and cfg["rope_theta"] == 10000.0
-    llm = LLM(tmp_path / "ck", kernels="torch", num_kv_blocks=8)
+    # float32 on any device: the reference below is transformers in float32.
+    llm = LLM(tmp_path / "ck", kernels="torch", num_kv_blocks=8, dtype=torch.float32)
     assert llm.config.rope.rope_type == "linear" and llm.runner.model.weights.lm_head is llm.runner.model.weights.embed
     # Linear RoPE scaling as transformers applies it: prompt log-probabilities of a 40-token prompt.
     prompt = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(0)).tolist()

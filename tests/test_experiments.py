@@ -24,6 +24,7 @@ from experiments import plots
 from experiments.measure import Ceilings
 from experiments.shapes import model_shapes, shape_set
 from experiments.table import add_speedups, collate, kernel_row
+from subprocess_env import pythonpath
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -34,7 +35,7 @@ def run_app(app: str, run_dir: Path, *overrides: str, env: dict | None = None, m
     """``python -m experiments.<app>`` (from the repository root unless ``cwd``), its run (or sweep) folder ``run_dir``."""
     where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
     cmd = [sys.executable, "-m", f"experiments.{app}", *(["-m"] if multirun else []), where, *overrides]
-    full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": pythonpath(), **(env or {})}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
@@ -53,7 +54,7 @@ def no_wandb(tmp_path: Path) -> dict:
     stub = tmp_path / "stub" / "wandb"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("raise ImportError('wandb imported although logger.mode=disabled')\n")
-    return {"PYTHONPATH": os.pathsep.join([str(stub.parent), str(ROOT)])}
+    return {"PYTHONPATH": pythonpath(stub.parent)}
 
 
 # --- shape sets -------------------------------------------------------------------------------------
