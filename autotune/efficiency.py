@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         others = {k: v for k, v in winners.items() if v["shape"] != shape}
         for sampler in samplers:
             # The neighbours' winners on the measured device; the default config is this machine's
-            # (a replay elsewhere usually cannot run it: off the table, it is skipped).
+            # (a replay elsewhere computes another device's default: like every warm config, the
+            # search projects it onto the nearest config the table holds).
             warm = warm_configs(family, shape, args.dtype, others, dev_key) if sampler == "tpe+warm" else []
             for seed in range(args.seeds):
                 curve = replay(family, shape, args.dtype, table, sampler, seed, args.trials_per_seed, warm)
