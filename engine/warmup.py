@@ -68,28 +68,22 @@ def compile_plan(runner: ModelRunner, max_tokens: int, max_rows: int) -> tuple[l
     """(token counts, logits row counts): one-sequence prefill steps of those token counts, and the
     LM head on those numbers of rows, launch every kernel binary (:func:`binary_key`) that a step of
     1..``max_tokens`` tokens or the logits of 1..``max_rows`` rows launch. Each count is dry-run
-    (nothing launches) and kept when it meets a binary no smaller count met. Needs the Triton backend."""
-    ops = runner.model.ops
-    if not hasattr(ops, "dry_run"):
-        raise ValueError(f"a compile plan needs the Triton backend, the engine runs {ops.name!r}")
+    (nothing launches; the token counts as :func:`resolve_configs` prefill steps) and kept when it
+    meets a binary no smaller count met. Needs the Triton backend."""
     seen: set[tuple] = set()
 
-    def meets_new(resolved: dict) -> bool:
-        keys = {binary_key(r) for r in resolved.values()} - seen
+    def meets_new(resolved: list[dict[str, Any]]) -> bool:
+        keys = {binary_key(r) for r in resolved} - seen
         seen.update(keys)
         return bool(keys)
 
-    tokens, rows = [], []
-    for t in range(1, max_tokens + 1):
-        with ops.dry_run() as resolved:
-            runner.run_dummy(1, t, t)
-        if meets_new(resolved):
-            tokens.append(t)
-    hidden = torch.zeros(max_rows, runner.config.hidden_size, dtype=runner.dtype, device=runner.device)
+    tokens = [t for t in range(1, max_tokens + 1) if meets_new(resolve_configs(runner, [], [t], t))]
+    ops, rows = runner.model.ops, []
+    hidden = torch.empty(max_rows, runner.config.hidden_size, dtype=runner.dtype, device=runner.device)
     for b in range(1, max_rows + 1):
         with ops.dry_run() as resolved:
             runner.model.logits(hidden[:b])
-        if meets_new(resolved):
+        if meets_new(list(resolved.values())):
             rows.append(b)
     return tokens, rows
 

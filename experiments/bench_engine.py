@@ -400,13 +400,14 @@ def offline_figure(df: pd.DataFrame, path: Path) -> Path | None:
 
 def bench_engine_backend(run: Run, name: str, ckpt: Path, cfg: DictConfig, wl: DictConfig, vocab: int,
                          ceilings: Ceilings, rows: list[dict], failed: list[str]) -> float:
-    """Append the engine backend ``name``'s rows to ``rows`` (and for ``triton`` write the kernel
-    breakdown; a failure there is recorded in ``failed`` and keeps the rows). Returns the decode
-    step's weight-streaming floor in ms."""
+    """Append the engine backend ``name``'s rows to ``rows`` (and for the Triton backends write the
+    kernel breakdown; a failure there is recorded in ``failed`` and keeps the rows). Returns the
+    decode step's weight-streaming floor in ms."""
     llm = make_llm(run, ckpt, name, cfg, wl)
     floor_ms = llm.runner.model.weights.decode_bytes() / (ceilings.gbps * 1e6)
     sources = config_sources(llm)
-    # Prefill kernels compile here (token counts with and without a multiple of 16).
+    # One short batch before anything is timed: first-call costs (cuBLAS handles, the allocator's
+    # pools, a mixed batch's attention kernels, which the engine's warm-up does not compile ahead).
     llm.generate([[1] * 8, [1] * 13], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     new = engine_workloads(run, f"engine-{name}", llm, wl, vocab, jit=name in TRITON_BACKENDS)
     rows += [{**r, "config_sources": sources, "cuda_graphs": llm.uses_cuda_graphs} for r in new]

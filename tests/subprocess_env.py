@@ -1,4 +1,4 @@
-"""The module search path of a ``python -m ...`` subprocess that a test starts."""
+"""The environment of a ``python -m ...`` subprocess that a test starts."""
 from __future__ import annotations
 
 import os
@@ -13,3 +13,8 @@ def pythonpath(*first: Path) -> str:
     must stay importable in the subprocess."""
     inherited = os.environ.get("PYTHONPATH")
     return os.pathsep.join([*(str(p) for p in first), str(ROOT), *([inherited] if inherited else [])])
+
+
+def app_env(*first: Path) -> dict[str, str]:
+    """This process's environment with W&B quiet and the module search path of :func:`pythonpath`."""
+    return {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": pythonpath(*first)}

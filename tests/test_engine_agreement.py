@@ -113,4 +113,3 @@ def test_agreement_experiment_smoke(tmp_path):
     assert len(df) == 4 and df.ok.all() and df.tokens_equal.all()
     assert {"device", "torch", "triton", "transformers", "date", "first_divergence", "max_abs_dlogprob"} <= set(df.columns)
     assert df.max_abs_dlogprob.max() < 1e-4  # float32 against float32
-

@@ -4,7 +4,6 @@ per-kernel breakdown, the figures and the W&B run; and its tune-only mode."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from subprocess_env import pythonpath
+from subprocess_env import ROOT, app_env
 
-ROOT = Path(__file__).resolve().parents[1]
 # With --gpu the app picks the GPU's model and workloads (Llama-3.2-1B, minutes per backend): the
 # GPU measurement is that run itself, with results committed under results/.
 pytestmark = pytest.mark.cpu_only(reason="the tiny-checkpoint run of CI; on the GPU, bench_engine's own run is the check")
@@ -24,8 +22,7 @@ ENGINES = ["engine-triton", "engine-triton-default", "engine-torch"]
 def bench(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "experiments.bench_engine", f"hydra.run.dir={run_dir}",
            f"checkpoint_root={run_dir.parent / 'checkpoints'}", *overrides]
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": pythonpath()}
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=app_env())
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
 

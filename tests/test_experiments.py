@@ -24,9 +24,8 @@ from experiments import plots
 from experiments.measure import Ceilings
 from experiments.shapes import model_shapes, shape_set
 from experiments.table import add_speedups, collate, kernel_row
-from subprocess_env import pythonpath
+from subprocess_env import ROOT, app_env, pythonpath
 
-ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
 
@@ -35,8 +34,7 @@ def run_app(app: str, run_dir: Path, *overrides: str, env: dict | None = None, m
     """``python -m experiments.<app>`` (from the repository root unless ``cwd``), its run (or sweep) folder ``run_dir``."""
     where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
     cmd = [sys.executable, "-m", f"experiments.{app}", *(["-m"] if multirun else []), where, *overrides]
-    full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": pythonpath(), **(env or {})}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**app_env(), **(env or {})})
 
 
 def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
