@@ -12,7 +12,11 @@ Structural variants (the categorical parameter ``variant``):
   of the problem in one sequence cut into one equal range per SM, partial tiles handed over through
   a float32 workspace, so a problem of fewer tiles than SMs (M = 256, say) still uses every SM;
 - ``tma_splitk``: ``splitk`` over TMA tiles: the float32 partial tiles go to the workspace as two
-  half-tile tensor-memory stores.
+  half-tile tensor-memory stores;
+- ``gemv`` (M <= 4, decode): no tensor cores. Each program owns BLOCK_N columns of C for every row,
+  multiplies [BLOCK_N, BLOCK_K] tiles of B with A's rows elementwise in float32 and sums over K at
+  the end. Narrow tiles (8 or 16 columns) give enough programs to keep every SM streaming B without
+  splitting K (so without a second, reducing kernel).
 
 The template is ``kernels/templates/gemm.py.j2``. Shape dicts are ``{"M", "N", "K"}`` with an
 optional ``"b_transposed"`` (bool, default True): B is a transposed view of a row-major [N, K]
@@ -28,7 +32,8 @@ from kernels.device import device_facts, interpreting
 from kernels.family import Config, Family, Shape, dtype_name, next_pow2, positive_dims, torch_dtype
 
 VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent", "tma_persistent_subtile", "tma_stream_k",
-            "tma_splitk")
+            "tma_splitk", "gemv")
+GEMV_MAX_M = 4  # the gemv variant's accumulator holds every row: [next_pow2(M), BLOCK_N, BLOCK_K]
 _HALF_STORE = ("tma_persistent_subtile", "tma_stream_k", "tma_splitk")  # variants storing C as two half-tiles
 _SPLIT = ("splitk", "tma_splitk")
 _ONE_TILE = ("tma", "tma_splitk")  # TMA variants whose programs each own one tile
@@ -86,11 +91,13 @@ class GemmFamily(Family):
             block_m = [16]  # decode shapes: tl.dot's smallest tile
         else:
             block_m = [b for b in (16, 32, 64, 128, 256) if b <= max(16, next_pow2(M))]
+        # The gemv variant (M <= GEMV_MAX_M) adds its narrow column tiles and deep K steps.
+        gemv = M <= GEMV_MAX_M
         return {
-            "variant": [v for v in VARIANTS if tma_ok or not v.startswith("tma")],
+            "variant": [v for v in VARIANTS if (tma_ok or not v.startswith("tma")) and (gemv or v != "gemv")],
             "BLOCK_M": block_m,
-            "BLOCK_N": [b for b in (32, 64, 128, 256) if b <= max(32, next_pow2(N))],
-            "BLOCK_K": [b for b in (32, 64, 128, 256) if b <= max(32, next_pow2(K))],
+            "BLOCK_N": [b for b in (8, 16, 32, 64, 128, 256) if (gemv or b >= 32) and b <= max(32, next_pow2(N))],
+            "BLOCK_K": [b for b in (32, 64, 128, 256, 512) if (gemv or b <= 256) and b <= max(32, next_pow2(K))],
             "GROUP_M": [1, 8],
             "SPLIT_K": [1, 2, 4, 8, 16],
             "num_warps": [4, 8],
@@ -108,6 +115,15 @@ class GemmFamily(Family):
             return f"K={K} has fewer than SPLIT_K={split} tiles of {bk}"
         if config["GROUP_M"] > 1 and -(-M // bm) <= 1:
             return "GROUP_M > 1 needs more than one tile-row"
+        if v == "gemv":
+            if M > GEMV_MAX_M:
+                return f"gemv holds every row of A: M <= {GEMV_MAX_M}"
+            per_thread = next_pow2(M) * bn * bk // (32 * warps)
+            if not 4 <= per_thread <= 64:
+                return f"gemv's {next_pow2(M)}x{bn}x{bk} float32 accumulator is {per_thread} registers per thread with {warps} warps"
+            return None
+        if bn < 32 or bk > 256:
+            return "BLOCK_N below 32 and BLOCK_K above 256 are gemv tiles"
         acc_per_thread = bm * bn // (32 * warps)
         if acc_per_thread > 128:
             return f"{bm}x{bn} float32 accumulator is {acc_per_thread} registers per thread with {warps} warps"
@@ -150,8 +166,8 @@ class GemmFamily(Family):
         them with the fewest K slices (2, 4 or 8, each at least 1024 deep) that fill the last wave
         to 90% (256x2048x8192: 32 tiles x 4 slices, 1.36x the best unsplit tile), or 64x128x128
         where the slices would be shorter (256x3072x2048, 256x2048x2048: the reduction's traffic
-        costs more than the idle SMs). Elsewhere for M > 64: 128x256x64 tiles, 8 warps, grouped order. M <= 64
-        (decode and small batches) is bound by streaming B, so what matters is enough programs to
+        costs more than the idle SMs). Elsewhere for M > 64: 128x256x64 tiles, 8 warps, grouped order.
+        M <= 64 (decode and small batches) is bound by streaming B, so what matters is enough programs to
         keep every SM loading: the widest N tile that still gives about one tile per SM, and when
         even 32-wide tiles give too few (small N), K split across programs until they do -- the
         structure of every small-M winner of results/tune_suite_nvidia_h200.csv.
@@ -209,6 +225,8 @@ class GemmFamily(Family):
         if config["variant"].startswith("tma"):
             facts["B_TRANS"] = bool(shape.get("b_transposed", True))
         else:
+            if config["variant"] == "gemv":
+                facts["ROWS"] = next_pow2(M)
             facts["EVEN_K"] = K % (config["BLOCK_K"] * config["SPLIT_K"]) == 0
             facts["EVEN_N"] = N % config["BLOCK_N"] == 0
             facts["INDEX_64"] = max(M * K, K * N, M * N) > _INT32_MAX

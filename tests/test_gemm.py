@@ -43,6 +43,25 @@ def test_any_strides(dtype: str, device) -> None:
         _check(a, w.t(), dtype, device, next(c for c in configs if c["variant"] == variant))
 
 
+@pytest.mark.parametrize("M", [1, 3, 4])
+def test_gemv_variant_covers_decode_rows(dtype: str, device, M: int) -> None:
+    """The gemv variant: every row of A up to GEMV_MAX_M in one program, column tiles that do not
+    divide N, a K that no tile divides, strided operands; absent from the space above that M."""
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(M)
+    a = torch.randn(M, 2 * 600, generator=g).to(device, dt)[:, ::2]  # [M, 600], column stride 2
+    w = torch.randn(37, 600, generator=g).to(device, dt)
+    shape = FAMILY.shape_from_call(a, w.t())
+    configs = [c for c in FAMILY.configs(shape, dtype) if c["variant"] == "gemv"]
+    assert {c["BLOCK_N"] for c in configs} >= {8, 16, 32} and {c["BLOCK_K"] for c in configs} >= {128, 512}
+    for cfg in configs[:: max(1, len(configs) // 5)]:
+        _check(a, w.t(), dtype, device, cfg)
+        _check(a, w.t().contiguous(), dtype, device, cfg)  # B row-major [K, N]
+    assert "gemv" not in FAMILY.space({"M": gemm_module.GEMV_MAX_M + 1, "N": 37, "K": 600}, dtype)["variant"]
+    wide = {**configs[0], "variant": "tiled"}
+    assert "gemv tiles" in (FAMILY.reject(shape, dtype, {**wide, "BLOCK_N": 8}) or "")
+
+
 def test_tma_variant_copies_unsupported_layouts(device) -> None:
     g = torch.Generator().manual_seed(4)
     a = torch.randn(32, 64, generator=g).to(device, torch.float16).t().contiguous().t()  # column-major
