@@ -14,8 +14,14 @@ Each call's FLOPs and bytes come from its family's cost model (kernels/), so the
 achieved TFLOP/s and GB/s of each operator and, given the device's measured ceilings (peak TFLOP/s
 and copy GB/s), its fraction of the roofline: max(flops / peak, bytes / bandwidth) / time.
 
+A kernel alone is not a kernel in the step: a second, small kernel (a split-K reduction) costs
+~0.1 us replayed alone but 1-2 us plus a ~0.4 us gap in the decode graph. So for decode steps
+served from CUDA graphs, :func:`decode_graph_timelines` also records the graph's replays with
+``torch.profiler``: each kernel's duration as the step runs it and the idle gaps between kernels.
+
     df = profile_steps(llm, [Step("prefill", 4, 512, 512), Step("decode", 32, 1, 512)], ceilings=(700.0, 3000.0))
     plot_breakdown(df, Path("kernel_breakdown.png"))
+    decode_graph_timelines(llm, [Step("decode", 1, 1, 512)])  # CUDA: per kernel name, busy and gap us
 """
 from __future__ import annotations
 
@@ -205,6 +211,74 @@ def profile_steps(llm: LLM, steps: list[Step], *, timers: tuple[Timer, Timer] | 
                   ceilings: tuple[float, float] | None = None) -> pd.DataFrame:
     """The breakdown table of several steps (see :func:`profile_step`)."""
     return pd.DataFrame([r for s in steps for r in profile_step(llm, s, timers=timers, ceilings=ceilings)])
+
+
+def timeline_rows(events: list[tuple[str, float, float]], replays: int) -> pd.DataFrame:
+    """The kernels of ``replays`` replays of one CUDA graph, from profiler events (name, start µs,
+    end µs) in any order: one row per kernel -- ``replay``, ``position`` in it, ``kernel``,
+    ``start_us`` from the replay's first kernel, ``dur_us``, and ``gap_us``, the idle time since
+    the previous kernel of the replay ended (NaN for the first)."""
+    if replays < 1 or len(events) % replays:
+        raise ValueError(f"timeline_rows: {len(events)} kernel events do not split into {replays} equal replays")
+    per = len(events) // replays
+    rows, first, prev_end = [], 0.0, 0.0
+    for i, (name, start, end) in enumerate(sorted(events, key=lambda e: e[1])):
+        position = i % per
+        if position == 0:
+            first = start
+        rows.append({"replay": i // per, "position": position, "kernel": name, "start_us": start - first,
+                     "dur_us": end - start, "gap_us": start - prev_end if position else float("nan")})
+        prev_end = end
+    return pd.DataFrame(rows, columns=["replay", "position", "kernel", "start_us", "dur_us", "gap_us"])
+
+
+def timeline_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per kernel name, medians over the replays of :func:`timeline_rows`: ``calls`` per replay,
+    ``busy_us`` (its kernels' summed durations), ``gap_us`` (idle time before them) and ``share``
+    of the replay's span; then a ``graph replay`` row with the span (first start to last end)."""
+    per = rows.groupby(["replay", "kernel"]).agg(calls=("dur_us", "size"), busy_us=("dur_us", "sum"),
+                                                 gap_us=("gap_us", "sum"))
+    out = per.groupby("kernel").median().sort_values("busy_us", ascending=False)
+    span = float((rows["start_us"] + rows["dur_us"]).groupby(rows["replay"]).max().median())
+    out["share"] = out["busy_us"] / span
+    total = {"calls": int(out["calls"].sum()), "busy_us": span, "gap_us": float(out["gap_us"].sum()), "share": 1.0}
+    return pd.concat([out, pd.DataFrame([total], index=pd.Index(["graph replay"], name="kernel"))]).reset_index()
+
+
+def graph_timeline(fn: Callable[[], Any], *, replays: int = 5, warmup: int = 10) -> pd.DataFrame:
+    """:func:`timeline_rows` of ``fn`` -- one launch of a captured CUDA graph -- recorded by
+    ``torch.profiler`` (CUPTI) over ``replays`` launches after ``warmup`` ones. Unlike the kernel
+    timer's replays of each call alone, this is each kernel as the step runs it: after its real
+    predecessor, with the L2 as that left it, and the idle gaps between kernels."""
+    if not torch.cuda.is_available():
+        raise ValueError("graph_timeline: needs a CUDA GPU (the profiler records the graph's kernels there)")
+    from torch.autograd import DeviceType
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            fn()
+        torch.cuda.synchronize()
+    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return timeline_rows(events, replays)
+
+
+def decode_graph_timelines(llm: LLM, steps: list[Step], *, replays: int = 5) -> pd.DataFrame:
+    """:func:`timeline_summary` of each decode step of ``steps`` that the engine serves from a CUDA
+    graph (the others are skipped), with the step's label: an empty table without graphs."""
+    runner = llm.runner
+    frames = []
+    for step in steps:
+        if step.phase != "decode" or not llm.uses_cuda_graphs or runner.graphs is None \
+                or step.seqs > runner.graphs.max_batch:
+            continue
+        ids, positions, meta = runner.dummy_inputs(step.seqs, 1, step.context_len)
+        summary = timeline_summary(graph_timeline(runner.graphs.load(ids, positions, meta), replays=replays))
+        summary.insert(0, "step", step.label)
+        frames.append(summary)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def plot_breakdown(df: pd.DataFrame, path: Path, title: str = "") -> Path:

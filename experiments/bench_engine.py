@@ -34,8 +34,9 @@ writes the device's ceilings and the targets (targets.csv: offline speedup over 
 default-config Triton, batch-1 decode step over the weight-streaming floor = decode weight bytes /
 copy bandwidth, tuned Triton against PyTorch on every workload) and the per-kernel breakdown of a
 prefill step and of decode steps of the ``triton`` backend (kernel_breakdown.csv and .png,
-:mod:`engine.profile`; kernel_breakdown_triton-default.* for the default-config backend), all logged to W&B too. ``tune.n_trials`` > 0 first tunes the triton
-backend's shape set (the engine's warm-up, ``autotune.tune`` per shape) into the config cache.
+:mod:`engine.profile`; kernel_breakdown_triton-default.* for the default-config backend; with CUDA
+graphs also *_graph_timeline.csv, the decode graphs' kernels as their replays run them), all logged
+to W&B too. ``tune.n_trials`` > 0 first tunes the triton backend's shape set (the engine's warm-up, ``autotune.tune`` per shape) into the config cache.
 """
 from __future__ import annotations
 
@@ -251,8 +252,10 @@ def config_sources(llm: LLM) -> str:
 def profile(run: Run, llm: LLM, cfg: DictConfig, ceilings: Ceilings, stem: str) -> pd.DataFrame:
     """The per-kernel breakdown of a prefill step and of decode steps at each of
     ``profile.decode_seqs`` (an int or a list) sequences (see engine.profile); written to
-    ``<stem>.csv`` and ``<stem>.png``."""
-    from engine.profile import Step, plot_breakdown, profile_steps
+    ``<stem>.csv`` and ``<stem>.png``. With CUDA graphs, the decode steps' graph timelines (each
+    kernel as the graph replay runs it, and the gaps between kernels) go to
+    ``<stem>_graph_timeline.csv`` and W&B too."""
+    from engine.profile import Step, decode_graph_timelines, plot_breakdown, profile_steps
 
     pf = cfg.profile
     sizes = [pf.decode_seqs] if isinstance(pf.decode_seqs, (int, str)) else list(pf.decode_seqs)
@@ -265,6 +268,12 @@ def profile(run: Run, llm: LLM, cfg: DictConfig, ceilings: Ceilings, stem: str) 
     plot_breakdown(df, run.dir / f"{stem}.png",
                    f"Per-kernel breakdown, engine {llm.kernels}/{llm.kernel_configs}, {run.dtype}\n"
                    f"{run.env['device']} · {run.env['date']}")
+    timeline = decode_graph_timelines(llm, steps)
+    if not timeline.empty:
+        timeline.insert(0, "date", run.env["date"])
+        timeline.insert(1, "device", run.env["device"])
+        timeline.to_csv(run.dir / f"{stem}_graph_timeline.csv", index=False)
+        run.logger.log_table(f"{stem}_graph_timeline", timeline)
     return df
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from engine import LLM
 from engine.cuda_graphs import batch_buckets
-from engine.profile import OPERATORS, Step, plot_breakdown, profile_steps
+from engine.profile import (OPERATORS, Step, decode_graph_timelines, plot_breakdown, profile_steps, timeline_rows,
+                            timeline_summary)
 from engine_checkpoints import checkpoint
 
 
@@ -56,3 +57,34 @@ def test_bad_profile_steps(llm):
     with pytest.raises(ValueError, match="requests are running"):
         profile_steps(llm, [Step("decode", 1, 1, 8)])
     llm.abort_all()
+
+
+def test_timeline_rows_split_replays_and_measure_gaps():
+    # Two replays of three kernels, given out of order, as the profiler may list them.
+    events = [("b", 112.0, 115.0), ("a", 100.0, 110.0), ("c", 116.0, 117.0),
+              ("a", 200.0, 209.0), ("c", 215.0, 217.0), ("b", 211.0, 213.0)]
+    rows = timeline_rows(events, replays=2)
+    assert rows["kernel"].tolist() == ["a", "b", "c"] * 2 and rows["replay"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert rows["start_us"].tolist() == [0.0, 12.0, 16.0, 0.0, 11.0, 15.0]
+    assert rows["dur_us"].tolist() == [10.0, 3.0, 1.0, 9.0, 2.0, 2.0]
+    assert math.isnan(rows["gap_us"][0]) and rows["gap_us"][1:3].tolist() == [2.0, 1.0] and rows["gap_us"][4:].tolist() == [2.0, 2.0]
+    summary = timeline_summary(rows).set_index("kernel")
+    assert summary.loc["a", "busy_us"] == 9.5 and summary.loc["b", "gap_us"] == 2.0 and summary.loc["c", "calls"] == 1
+    assert summary.loc["graph replay", "busy_us"] == 17.0  # median span of 17 and 17
+    assert summary.loc["a", "share"] == pytest.approx(9.5 / 17.0)
+    with pytest.raises(ValueError, match="equal replays"):
+        timeline_rows(events[:5], replays=2)
+
+
+@pytest.mark.gpu
+def test_decode_graph_timeline_lists_every_kernel_of_the_graph(tmp_path_factory):
+    """On the GPU (--gpu): the kernels of a captured decode graph, as its replays run them; prefill
+    steps (no graph) are skipped; the replay's span covers its kernels' durations."""
+    engine = LLM(checkpoint("llama3", tmp_path_factory), block_size=4, num_kv_blocks=40, max_num_seqs=2,
+                 max_num_batched_tokens=16)
+    assert engine.uses_cuda_graphs
+    summary = decode_graph_timelines(engine, [Step("decode", 2, 1, 12), Step("prefill", 2, 4, 4)]).set_index("kernel")
+    assert set(summary["step"]) == {"decode 2 seqs @ 12"}
+    kernels = summary.drop(index="graph replay")
+    assert {"gemm_kernel", "rmsnorm_kernel", "rope_kernel", "kv_store_kernel"} <= set(kernels.index)
+    assert summary.loc["graph replay", "busy_us"] >= kernels["busy_us"].sum() * 0.99
