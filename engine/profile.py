@@ -213,9 +213,17 @@ def profile_steps(llm: LLM, steps: list[Step], *, timers: tuple[Timer, Timer] | 
     return pd.DataFrame([r for s in steps for r in profile_step(llm, s, timers=timers, ceilings=ceilings)])
 
 
+def kernel_label(name: str) -> str:
+    """A profiler kernel name without its return type, template and parameter lists:
+    "void at::native::index_elementwise_kernel<128, 4, ...>(long, ...)" -> "at::native::index_elementwise_kernel"."""
+    name = name.removeprefix("void ")
+    return name[: min((i for i in (name.find("<"), name.find("(")) if i > 0), default=len(name))]
+
+
 def timeline_rows(events: list[tuple[str, float, float]], replays: int) -> pd.DataFrame:
     """The kernels of ``replays`` replays of one CUDA graph, from profiler events (name, start µs,
-    end µs) in any order: one row per kernel -- ``replay``, ``position`` in it, ``kernel``,
+    end µs) in any order: one row per kernel -- ``replay``, ``position`` in it, ``kernel`` (its
+    :func:`kernel_label`),
     ``start_us`` from the replay's first kernel, ``dur_us``, and ``gap_us``, the idle time since
     the previous kernel of the replay ended (NaN for the first)."""
     if replays < 1 or len(events) % replays:
@@ -226,7 +234,7 @@ def timeline_rows(events: list[tuple[str, float, float]], replays: int) -> pd.Da
         position = i % per
         if position == 0:
             first = start
-        rows.append({"replay": i // per, "position": position, "kernel": name, "start_us": start - first,
+        rows.append({"replay": i // per, "position": position, "kernel": kernel_label(name), "start_us": start - first,
                      "dur_us": end - start, "gap_us": start - prev_end if position else float("nan")})
         prev_end = end
     return pd.DataFrame(rows, columns=["replay", "position", "kernel", "start_us", "dur_us", "gap_us"])

@@ -61,15 +61,16 @@ def test_bad_profile_steps(llm):
 
 def test_timeline_rows_split_replays_and_measure_gaps():
     # Two replays of three kernels, given out of order, as the profiler may list them.
-    events = [("b", 112.0, 115.0), ("a", 100.0, 110.0), ("c", 116.0, 117.0),
-              ("a", 200.0, 209.0), ("c", 215.0, 217.0), ("b", 211.0, 213.0)]
+    c = "void at::native::c_kernel<128, 4, at::native::X<(bool)1> >(long, at::native::Y)"  # a C++ kernel's name
+    events = [("b", 112.0, 115.0), ("a", 100.0, 110.0), (c, 116.0, 117.0),
+              ("a", 200.0, 209.0), (c, 215.0, 217.0), ("b", 211.0, 213.0)]
     rows = timeline_rows(events, replays=2)
-    assert rows["kernel"].tolist() == ["a", "b", "c"] * 2 and rows["replay"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert rows["kernel"].tolist() == ["a", "b", "at::native::c_kernel"] * 2 and rows["replay"].tolist() == [0, 0, 0, 1, 1, 1]
     assert rows["start_us"].tolist() == [0.0, 12.0, 16.0, 0.0, 11.0, 15.0]
     assert rows["dur_us"].tolist() == [10.0, 3.0, 1.0, 9.0, 2.0, 2.0]
     assert math.isnan(rows["gap_us"][0]) and rows["gap_us"][1:3].tolist() == [2.0, 1.0] and rows["gap_us"][4:].tolist() == [2.0, 2.0]
     summary = timeline_summary(rows).set_index("kernel")
-    assert summary.loc["a", "busy_us"] == 9.5 and summary.loc["b", "gap_us"] == 2.0 and summary.loc["c", "calls"] == 1
+    assert summary.loc["a", "busy_us"] == 9.5 and summary.loc["b", "gap_us"] == 2.0 and summary.loc["at::native::c_kernel", "calls"] == 1
     assert summary.loc["graph replay", "busy_us"] == 17.0  # median span of 17 and 17
     assert summary.loc["a", "share"] == pytest.approx(9.5 / 17.0)
     with pytest.raises(ValueError, match="equal replays"):
