@@ -32,6 +32,7 @@ best/best-so-far against trials, one panel per shape); the exhaustive studies ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -53,7 +54,7 @@ from autotune.search import make_sampler, run_search  # noqa: E402
 from autotune.space import Config, SearchSpace, config_key, parse_restriction  # noqa: E402
 from autotune.tune_suite import GEMM_SUITE  # noqa: E402
 from autotune.tuner import _version, warm_configs  # noqa: E402
-from kernels.device import device_facts, device_key  # noqa: E402
+from kernels.device import KNOWN_DEVICES, DeviceFacts, assume_device, device_facts, device_key  # noqa: E402
 from kernels.family import Family  # noqa: E402
 
 LEVELS = (0.97, 0.99)
@@ -249,6 +250,34 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "family": family.name, "dtype": args.dtype, "shape": shape, "config": best["config"],
             "device_key": dev_key}
 
+    # A replay answers as the measured device where its facts are known (kernels.device.KNOWN_DEVICES):
+    # the warm start's default config is then the one the tuner enqueues there.
+    known = _known_device(dev_key) if measured is not None else None
+    with assume_device(known) if known is not None else contextlib.nullcontext():
+        runs, curves = _replay_all(family, shapes, args, tables, winners, samplers, dev_key)
+    runs_df = pd.DataFrame(runs).assign(**stamp)
+    summary = summarize(runs_df).assign(**stamp)
+    runs_df.to_csv(out / f"{name}_runs.csv", index=False)
+    summary.to_csv(out / f"{name}_summary.csv", index=False)
+    _write_tables(tables, stamp, out / f"{name}_exhaustive.csv")
+    curves_df = pd.DataFrame(curves)
+    curves_df.to_csv(out / f"{name}_curves.csv", index=False)  # so the figure can be redrawn
+    _plot(curves_df, out / f"{name}_best_so_far.png",
+          f"{family.name} {args.dtype}: best so far per sampler (mean over seeds) -- {device_name}, {stamp['date'][:10]}")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(summary.drop(columns=list(stamp)).set_index("sampler").T.to_string(float_format=lambda x: f"{x:.3g}"))
+    print(f"wrote {out / (name + '_runs.csv')}, {name}_summary.csv, {name}_exhaustive.csv and {name}_best_so_far.png")
+    return summary
+
+
+def _known_device(key: str) -> DeviceFacts | None:
+    """The facts of the known device whose key is ``key`` (a measured table's device), or None."""
+    return next((f for f in KNOWN_DEVICES.values() if f.key == key), None)
+
+
+def _replay_all(family: Family, shapes: list[dict], args: argparse.Namespace, tables: dict[str, pd.DataFrame],
+                winners: dict[str, dict], samplers: list[str], dev_key: str) -> tuple[list[dict], list[dict]]:
+    """Each sampler's runs (a row per shape and seed) and best-so-far curves, searching the measured tables."""
     runs, curves = [], []
     for shape in shapes:
         skey = cache.shape_key(shape)
@@ -256,9 +285,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         best_ms, n = float(table["ms"].min()), len(table)
         others = {k: v for k, v in winners.items() if v["shape"] != shape}
         for sampler in samplers:
-            # The neighbours' winners on the measured device; the default config is this machine's
-            # (a replay elsewhere computes another device's default: like every warm config, the
-            # search projects it onto the nearest config the table holds).
+            # The neighbours' winners on the measured device, after the default config: the measured
+            # device's where it is known, else this machine's (like every warm config, the search
+            # projects it onto the nearest config the table holds).
             warm = warm_configs(family, shape, args.dtype, others, dev_key) if sampler == "tpe+warm" else []
             for seed in range(args.seeds):
                 curve = replay(family, shape, args.dtype, table, sampler, seed, args.trials_per_seed, warm)
@@ -275,20 +304,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     so_far = min(so_far, ms)
                     curves.append({"shape": skey, "sampler": sampler, "seed": seed, "trial": i, "n_configs": n,
                                    "fraction_of_best": best_ms / so_far})
-
-    runs_df = pd.DataFrame(runs).assign(**stamp)
-    summary = summarize(runs_df).assign(**stamp)
-    runs_df.to_csv(out / f"{name}_runs.csv", index=False)
-    summary.to_csv(out / f"{name}_summary.csv", index=False)
-    _write_tables(tables, stamp, out / f"{name}_exhaustive.csv")
-    curves_df = pd.DataFrame(curves)
-    curves_df.to_csv(out / f"{name}_curves.csv", index=False)  # so the figure can be redrawn
-    _plot(curves_df, out / f"{name}_best_so_far.png",
-          f"{family.name} {args.dtype}: best so far per sampler (mean over seeds) -- {device_name}, {stamp['date'][:10]}")
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(summary.drop(columns=list(stamp)).set_index("sampler").T.to_string(float_format=lambda x: f"{x:.3g}"))
-    print(f"wrote {out / (name + '_runs.csv')}, {name}_summary.csv, {name}_exhaustive.csv and {name}_best_so_far.png")
-    return summary
+    return runs, curves
 
 
 def _write_tables(tables: dict[str, pd.DataFrame], stamp: dict[str, str], path: Path) -> None:

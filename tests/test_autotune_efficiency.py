@@ -101,3 +101,31 @@ def test_sub_grid_measured_then_replayed_with_the_measured_devices_neighbours(tm
         winner = min(theirs, key=theirs.get)
         first = curves[(curves["shape"] == here) & (curves["trial"] == 1)]["fraction_of_best"].item()
         assert first == pytest.approx(min(mine.values()) / mine[winner])
+
+
+@pytest.mark.parametrize("device,default_first", [("NVIDIA H200", True), ("NVIDIA A40", False)])
+def test_replay_warm_starts_from_the_measured_devices_default(tmp_path, device, default_first):
+    """A table measured on a device whose facts the workbench knows (the H200) is replayed as that
+    device: the warm start's first trial is the default config the tuner enqueues there, which this
+    table makes the fastest. A device it does not know gets this machine's default, projected."""
+    from autotune import cache
+    from kernels.device import KNOWN_DEVICES, assume_device
+    from kernels.gemm import FAMILY
+
+    shape = {"M": 256, "N": 256, "K": 128, "b_transposed": True}
+    with assume_device(KNOWN_DEVICES["h200"]):
+        default = FAMILY.default_config(shape, "float16")
+        configs = FAMILY.configs(shape, "float16")
+    assert default["variant"].startswith("tma") and FAMILY.default_config(shape, "float16") != default
+    picked = [default] + [c for c in configs if c != default][::7][:40]
+    table = pd.DataFrame({"config": [json.dumps(c, sort_keys=True) for c in picked], "status": "ok",
+                          "ms": [1.0] + [2.0 + i / 100 for i in range(len(picked) - 1)],
+                          "shape": cache.shape_key(shape), "family": "gemm", "dtype": "float16", "device": device,
+                          "torch": "x", "triton": "x", "date": "2026-11-27", "space": ""})
+    path = tmp_path / "t_exhaustive.csv"
+    table.to_csv(path, index=False)
+    efficiency.main(["--table", str(path), "--seeds", "1", "--trials-per-seed", "2", "--samplers", "tpe+warm",
+                     "--out", str(tmp_path / "r")])
+    curves = next((tmp_path / "r").glob("*_curves.csv"))
+    first = pd.read_csv(curves).query("trial == 1")["fraction_of_best"].item()
+    assert (first == 1.0) is default_first
