@@ -19,7 +19,10 @@ neighbours, the structure model-based samplers learn from. The measured table is
 exhaustive winners of the other shapes, nearest first) runs its search loop
 (:func:`autotune.search.run_search`, the same loop as a real tune: rejects and duplicates are free)
 against the table, once per seed, so many seeds cost no device time. A trial's cost is one
-evaluated config; a failed config counts as a trial and improves nothing.
+evaluated config; a failed config counts as a trial and improves nothing. A replay (``--table``)
+of a device in ``kernels.device.KNOWN_DEVICES`` runs as that device, so the warm start's default
+config is the one the tuner would enqueue there. When a table's shapes are those the default was
+chosen from, that first trial is in sample: judge the warm start on other shapes.
 
 Reported per (shape, sampler, seed): the trials needed until the best time so far is within 97%
 and 99% of the exhaustive best (best_ms / best_so_far >= 0.97), also as a fraction of the space's
