@@ -35,7 +35,6 @@ best/best-so-far against trials, one panel per shape); the exhaustive studies ar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import math
@@ -57,7 +56,7 @@ from autotune.search import make_sampler, run_search  # noqa: E402
 from autotune.space import Config, SearchSpace, config_key, parse_restriction  # noqa: E402
 from autotune.tune_suite import GEMM_SUITE  # noqa: E402
 from autotune.tuner import _version, warm_configs  # noqa: E402
-from kernels.device import KNOWN_DEVICES, DeviceFacts, assume_device, device_facts, device_key  # noqa: E402
+from kernels.device import assume_device, device_facts, device_key, known_device  # noqa: E402
 from kernels.family import Family  # noqa: E402
 
 LEVELS = (0.97, 0.99)
@@ -255,8 +254,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     # A replay answers as the measured device where its facts are known (kernels.device.KNOWN_DEVICES):
     # the warm start's default config is then the one the tuner enqueues there.
-    known = _known_device(dev_key) if measured is not None else None
-    with assume_device(known) if known is not None else contextlib.nullcontext():
+    with assume_device(known_device(dev_key) if measured is not None else None):
         runs, curves = _replay_all(family, shapes, args, tables, winners, samplers, dev_key)
     runs_df = pd.DataFrame(runs).assign(**stamp)
     summary = summarize(runs_df).assign(**stamp)
@@ -271,11 +269,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(summary.drop(columns=list(stamp)).set_index("sampler").T.to_string(float_format=lambda x: f"{x:.3g}"))
     print(f"wrote {out / (name + '_runs.csv')}, {name}_summary.csv, {name}_exhaustive.csv and {name}_best_so_far.png")
     return summary
-
-
-def _known_device(key: str) -> DeviceFacts | None:
-    """The facts of the known device whose key is ``key`` (a measured table's device), or None."""
-    return next((f for f in KNOWN_DEVICES.values() if f.key == key), None)
 
 
 def _replay_all(family: Family, shapes: list[dict], args: argparse.Namespace, tables: dict[str, pd.DataFrame],

@@ -148,6 +148,12 @@ def _rates(ms: float, flops: float, nbytes: float, ceilings: tuple[float, float]
 
 
 @torch.inference_mode()
+def _graph_served(llm: LLM, step: Step) -> bool:
+    """Whether the engine serves ``step`` from its padded decode graphs (captured ones on CUDA)."""
+    graphs = llm.runner.graphs
+    return step.phase == "decode" and graphs is not None and step.seqs <= graphs.max_batch
+
+
 def profile_step(llm: LLM, step: Step, *, timers: tuple[Timer, Timer] | None = None,
                  ceilings: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """Rows of one step: one per operator (its calls summed over the layers), then the step's totals
@@ -200,7 +206,7 @@ def profile_step(llm: LLM, step: Step, *, timers: tuple[Timer, Timer] | None = N
     rows_idx = slice(step.query_len - 1, None, step.query_len)
     whole("step (eager)", lambda: model.logits(
         model.forward(ids, positions, meta, runner.k_caches, runner.v_caches)[rows_idx]))
-    if step.phase == "decode" and runner.graphs is not None and step.seqs <= runner.graphs.max_batch:
+    if _graph_served(llm, step):
         whole("step (graph)", runner.graphs.load(ids, positions, meta))
     for r in rows:
         r["share"] = r["ms"] / total["ms"] if total["ms"] > 0 else float("nan")
@@ -276,11 +282,11 @@ def graph_timeline(fn: Callable[[], Any], *, replays: int = 5, warmup: int = 10)
 def decode_graph_timelines(llm: LLM, steps: list[Step], *, replays: int = 5) -> pd.DataFrame:
     """:func:`timeline_summary` of each decode step of ``steps`` that the engine serves from a CUDA
     graph (the others are skipped), with the step's label: an empty table without graphs."""
-    runner = llm.runner
-    frames = []
+    if not llm.uses_cuda_graphs:
+        return pd.DataFrame()
+    runner, frames = llm.runner, []
     for step in steps:
-        if step.phase != "decode" or not llm.uses_cuda_graphs or runner.graphs is None \
-                or step.seqs > runner.graphs.max_batch:
+        if not _graph_served(llm, step):
             continue
         ids, positions, meta = runner.dummy_inputs(step.seqs, 1, step.context_len)
         summary = timeline_summary(graph_timeline(runner.graphs.load(ids, positions, meta), replays=replays))

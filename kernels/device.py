@@ -83,10 +83,19 @@ KNOWN_DEVICES = {
 _ASSUMED: list[DeviceFacts] = []  # the innermost assume_device block last
 
 
+def known_device(key: str) -> DeviceFacts | None:
+    """The facts in :data:`KNOWN_DEVICES` of the device whose :attr:`DeviceFacts.key` is ``key``, or None."""
+    return next((f for f in KNOWN_DEVICES.values() if f.key == key), None)
+
+
 @contextlib.contextmanager
-def assume_device(facts: DeviceFacts) -> Iterator[DeviceFacts]:
+def assume_device(facts: DeviceFacts | None) -> Iterator[DeviceFacts]:
     """Within the block :func:`device_facts` answers ``facts`` for every device, so that spaces,
-    constraints and defaults are those of a GPU this machine lacks (see kernels.gpu_compile)."""
+    constraints and defaults are those of a GPU this machine lacks (see kernels.gpu_compile).
+    ``facts`` None assumes nothing: the block sees this machine's facts."""
+    if facts is None:
+        yield device_facts()
+        return
     _ASSUMED.append(facts)
     try:
         yield facts

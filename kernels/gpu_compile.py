@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fam = kernels.get_family(args.family)
     shape = parse_shape(args.shape)
-    with assume_device(KNOWN_DEVICES[args.assume]) if args.assume else contextlib.nullcontext():
+    with assume_device(KNOWN_DEVICES.get(args.assume)):
         if args.all_configs:
             configs = fam.configs(shape, args.dtype)
         else:
