@@ -23,6 +23,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "rope": "kernels.rope",
     "silu_mul": "kernels.silu_mul",
     "kv_store": "kernels.kv_store",
+    "norm_gemv": "kernels.norm_gemv",
 }
 
 

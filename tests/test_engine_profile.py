@@ -30,10 +30,18 @@ def test_breakdown_of_a_prefill_and_a_decode_step(llm, tmp_path):
     for step, tokens in ((steps[0], 16), (steps[1], 2)):
         g = df[df["step"] == step.label].set_index("operator")
         assert list(g.index[: len(OPERATORS)]) == list(OPERATORS)
-        assert g.loc[list(OPERATORS), "calls"].to_dict() == calls
+        # Two decode rows: each layer's norms run inside the qkv and gate/up kernels (norm_gemv);
+        # only the final norm is its own kernel.
+        fused = step.phase == "decode"
+        assert g.loc[list(OPERATORS), "calls"].to_dict() == {**calls, "rmsnorm": 1 if fused else 2 * layers + 1}
+        assert {g.loc["qkv_proj", "family"], g.loc["gate_up_proj", "family"]} == {"norm_gemv" if fused else "gemm"}
+        assert g.loc["o_proj", "family"] == "gemm"
         assert (g.loc[list(OPERATORS), "ms"] > 0).all()
         qkv_n = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        assert g.loc["qkv_proj", "flops"] == layers * 2 * tokens * qkv_n * c.hidden_size
+        # Fused, the norm's own arithmetic joins the projection's: 3 per element of x, 4 with the
+        # residual add (every layer but the first).
+        norm_flops = tokens * c.hidden_size * (3 + 4 * (layers - 1)) if fused else 0
+        assert g.loc["qkv_proj", "flops"] == layers * 2 * tokens * qkv_n * c.hidden_size + norm_flops
         assert g.loc["lm_head", "flops"] == 2 * step.seqs * c.vocab_size * c.hidden_size  # last token of each sequence
         assert g.loc["kv_store", "flops"] == 0 and g.loc["kv_store", "bytes"] > 0
         assert g.loc["kernels", "ms"] == pytest.approx(g.loc[list(OPERATORS), "ms"].sum())

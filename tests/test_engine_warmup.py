@@ -38,10 +38,13 @@ def test_warmup_resolves_every_shape_the_decode_steps_launch(model_dir, tmp_path
     assert {r["family"] for r in rows} == set(FAMILIES) and {r["source"] for r in rows} == {"default"}
     assert {(r["step"], r["seqs"]) for r in rows} == {("decode", 1), ("decode", 2), ("decode", 4), ("prefill", 1)}
     c = llm.config
-    gemms = {(r["shape"]["M"], r["shape"]["N"]) for r in rows if r["family"] == "gemm" and r["step"] == "decode"}
-    for b in (1, 2, 4):  # QKV, output, gate/up, down projections and the LM head, at M = batch
-        assert {(b, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim), (b, c.hidden_size),
-                (b, 2 * c.intermediate_size), (b, c.vocab_size)} <= gemms
+    def decode_mn(family: str) -> set[tuple[int, int]]:
+        return {(r["shape"]["M"], r["shape"]["N"]) for r in rows if r["family"] == family and r["step"] == "decode"}
+
+    for b in (1, 2, 4):  # at M = batch: output and down projections and the LM head on gemm; QKV and
+        # gate/up with the norm before them on norm_gemv (a decode batch is at most 4 rows here)
+        assert {(b, c.hidden_size), (b, c.vocab_size)} <= decode_mn("gemm")
+        assert {(b, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim), (b, 2 * c.intermediate_size)} <= decode_mn("norm_gemv")
     attn = [r["shape"] for r in rows if r["family"] == "attention_paged" and r["step"] == "decode"]
     assert {a["context_len"] for a in attn} == {256} and {a["query_len"] for a in attn} == {1}  # max_model_len 160
     prefill = [r["shape"] for r in rows if r["family"] == "gemm" and r["step"] == "prefill"]

@@ -1,4 +1,4 @@
-"""Fused families (rmsnorm, rope, silu_mul, kv_store): what the generic harness does not cover.
+"""Fused families (rmsnorm, norm_gemv, rope, silu_mul, kv_store): what the generic harness does not cover.
 
 The rope cache against transformers' rope init functions and rotary embedding, rope against
 transformers' apply_rotary_pos_emb, the fused residual output, in-place and strided operands,
@@ -18,6 +18,7 @@ import torch
 
 import kernels  # noqa: F401  (selects the backend before anything imports triton)
 from kernels import kv_store as kvs
+from kernels import norm_gemv as ng
 from kernels import rmsnorm as rms
 from kernels import rope as rp
 from kernels import silu_mul as sm
@@ -226,6 +227,65 @@ def test_rmsnorm_bad_input(change, err, match) -> None:
         rms.rmsnorm(x, weight, eps, **args)
 
 
+# --- norm_gemv ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_norm_gemv_equals_the_unfused_pair_and_writes_the_residual_stream(rows, dtype, device) -> None:
+    """One kernel against the engine's unfused operators (TorchOps: RMSNorm with float32 statistics,
+    then F.linear) and the float64 reference: strided rows of x, a K no tile divides, N no column
+    tile divides; the new residual is x + residual rounded to the dtype, and x and residual are
+    left as they were."""
+    from engine.ops.torch_ops import TorchOps
+
+    dt = getattr(torch, dtype)
+    K, N = 200, 37
+    x = _randn(rows, 2 * K, dtype=dt, device=device, seed=rows)[:, :K]  # rows of stride 2K
+    base = _randn(rows, K + 8, dtype=dt, device=device, seed=rows + 10)
+    residual = base[:, :K]  # rows of stride K + 8
+    norm_w = (1 + 0.5 * _randn(K, dtype=torch.float32, device=device, seed=3)).to(dt)
+    weight = (_randn(N, K, dtype=torch.float32, device=device, seed=4) / K**0.5).to(dt)
+    x_before, res_before = x.clone(), residual.clone()
+    new_res = torch.full((rows, K), float("nan"), dtype=dt, device=device)
+    out = torch.full((rows, N), float("nan"), dtype=dt, device=device)
+    ng.norm_gemv(x, norm_w, 1e-5, weight, residual=residual, out=out, residual_out=new_res)
+    ref_out, ref_res = TorchOps().norm_linear(x, norm_w, 1e-5, residual, weight)
+    torch.testing.assert_close(new_res, ref_res, rtol=0, atol=0)  # the same rounding of x + residual
+    h = x.double() + residual.double()
+    exact = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.double()) @ weight.double().t()
+    tol = ng.FAMILY.tolerance(dtype, device)
+    assert rel_error(out, exact) <= tol and rel_error(ref_out, exact) <= 4 * tol
+    assert torch.equal(x, x_before) and torch.equal(residual, res_before)
+    plain = ng.norm_gemv(x, norm_w, 1e-5, weight)  # no residual: the norm of x itself
+    hx = x.double()
+    assert rel_error(plain, (hx * torch.rsqrt(hx.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.double())
+                     @ weight.double().t()) <= tol
+
+
+@pytest.mark.parametrize(
+    "change,err,match",
+    [
+        (dict(x=torch.randn(5, 8)), ValueError, "at most 4"),
+        (dict(x=torch.randn(2, 8, dtype=torch.float16)), TypeError, "norm_w has dtype"),
+        (dict(norm_w=torch.randn(7)), ValueError, "norm_w must be"),
+        (dict(weight=torch.randn(6, 9)), ValueError, "weight must be"),
+        (dict(residual=torch.randn(2, 8)), ValueError, "residual_out .* must be given"),
+        (dict(residual=torch.randn(2, 9), residual_out=torch.randn(2, 8)), ValueError, "residual must be"),
+        ("alias", ValueError, "shares memory with residual"),
+        (dict(out=torch.randn(2, 5)), ValueError, "out must be"),
+        (dict(weight=torch.randn(8, 6).t()), ValueError, "contiguous last dim"),
+        (dict(config={"BLOCK_N": 8}), ValueError, "lacks key"),
+    ],
+)
+def test_norm_gemv_bad_input(change, err, match) -> None:
+    args = dict(x=torch.randn(2, 8), norm_w=torch.randn(8), weight=torch.randn(6, 8))
+    if change == "alias":
+        residual = torch.randn(2, 8)
+        change = dict(residual=residual, residual_out=residual)
+    args.update(change)
+    x, norm_w, weight = args.pop("x"), args.pop("norm_w"), args.pop("weight")
+    with pytest.raises(err, match=match):
+        ng.norm_gemv(x, norm_w, 1e-5, weight, **args)
+
+
 # --- silu_mul -------------------------------------------------------------------------------------
 def test_silu_mul_strided_rows(dtype, device) -> None:
     dt = getattr(torch, dtype)
@@ -296,11 +356,12 @@ def test_kv_store_bad_input(change, err, match) -> None:
 
 
 # --- timing hook ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["rope", "kv_store", "rmsnorm", "silu_mul"])
+@pytest.mark.parametrize("name", ["rope", "kv_store", "rmsnorm", "silu_mul", "norm_gemv"])
 def test_timed_call_launches_only_the_kernel(name, device) -> None:
-    """timed_call works on ``out`` in place without run()'s copy-in and leaves the inputs alone."""
+    """timed_call works on ``out`` in place without run()'s copy-in (or norm_gemv's joining of its two
+    outputs) and leaves the inputs alone."""
     fam = kernels.get_family(name)
-    shape = fam.tiny_shapes()[1]
+    shape = fam.tiny_shapes()[0 if name == "norm_gemv" else 1]
     inputs = fam.make_inputs(shape, "float32", device, seed=3)
     ref = fam.reference(inputs)
     before = {k: v.clone() for k, v in inputs.items() if isinstance(v, torch.Tensor) and k != "out"}
@@ -309,10 +370,14 @@ def test_timed_call_launches_only_the_kernel(name, device) -> None:
         inputs["out"].copy_(torch.cat([inputs["q"], inputs["k"]], 1))
     elif name == "kv_store":
         inputs["out"].copy_(torch.stack([inputs["k_cache"], inputs["v_cache"]]))
+    elif name == "norm_gemv":  # C and the new residual stream
+        for t in inputs["out"]:
+            t.fill_(float("nan"))
     else:
         inputs["out"].fill_(float("nan"))
     fam.timed_call(inputs, None)()
-    assert rel_error(inputs["out"], ref) <= fam.tolerance("float32", device)
+    got = torch.cat(inputs["out"], dim=1) if name == "norm_gemv" else inputs["out"]
+    assert rel_error(got, ref) <= fam.tolerance("float32", device)
     assert all(torch.equal(inputs[k], v) for k, v in before.items())
 
 
@@ -339,6 +404,9 @@ def test_default_configs_valid_for_llama_shapes() -> None:
                 assert rms.FAMILY.reject(shape, dtype, rms.FAMILY.default_config(shape, dtype)) is None
                 shape = {"tokens": T, "intermediate": H}
                 assert sm.FAMILY.reject(shape, dtype, sm.FAMILY.default_config(shape, dtype)) is None
+                for N in (2048, 3072, 16384, 128256):
+                    shape = {"M": min(T, 4), "N": N, "K": H, "residual": True}
+                    assert ng.FAMILY.reject(shape, dtype, ng.FAMILY.default_config(shape, dtype)) is None
             for Hq, Hkv, D in ((32, 8, 64), (32, 8, 128), (64, 8, 128), (9, 3, 80), (1, 1, 256)):
                 shape = {"tokens": T, "heads_q": Hq, "heads_kv": Hkv, "head_dim": D}
                 assert rp.FAMILY.reject(shape, dtype, rp.FAMILY.default_config(shape, dtype)) is None
@@ -363,11 +431,12 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
 def test_variants_compile_for_hopper(tmp_path) -> None:
     """Triton's NVIDIA backend accepts every family's default and a random config (no GPU needed)."""
-    cases = [[name, shape, "bfloat16"] for name in ("rmsnorm", "rope", "silu_mul", "kv_store")
+    cases = [[name, shape, "bfloat16"] for name in ("rmsnorm", "norm_gemv", "rope", "silu_mul", "kv_store")
              for shape in kernels.get_family(name).tiny_shapes()]
     cases += [["rmsnorm", {"tokens": 3, "hidden": 2048, "residual": True}, "bfloat16"],
               ["rope", {"tokens": 3, "heads_q": 32, "heads_kv": 8, "head_dim": 64}, "float16"],
               ["silu_mul", {"tokens": 3, "intermediate": 8192}, "float32"],
+              ["norm_gemv", {"M": 4, "N": 16384, "K": 2048, "residual": True}, "bfloat16"],
               ["kv_store", {"tokens": 3, "heads_kv": 8, "head_dim": 64, "block_size": 16, "num_blocks": 4}, "bfloat16"]]
     env = {**os.environ, "TRITON_INTERPRET": "0", "WORKBENCH_KERNEL_CACHE": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], capture_output=True,

@@ -5,11 +5,12 @@ Weights are kept fused as loaded (engine/loader.py): per layer one QKV projectio
 (engine/ops), one call each, so a backend can move any of them onto a Triton kernel:
 
     h = embed[ids]
-    per layer:  x, r = rmsnorm(h, r)              (residual add fused; r = h on the first layer)
-                q, k, v = split(linear(x, Wqkv)); rope(q, k, positions)
+    per layer:  qkv, r = norm_linear(h, r, Wqkv)  (rmsnorm, residual add fused, then the linear layer;
+                                                  r = h on the first layer; one kernel for decode rows)
+                q, k, v = split(qkv); rope(q, k, positions)
                 kv_store(k, v -> cache by slot_mapping)
                 h = linear(paged_attention(q, cache), Wo)
-                x, r = rmsnorm(h, r); h = linear(silu_mul(linear(x, Wgate_up)), Wdown)
+                gu, r = norm_linear(h, r, Wgate_up); h = linear(silu_mul(gu), Wdown)
     final:      x, _ = rmsnorm(h, r); logits = linear(x[rows], Wlm_head)
 """
 from __future__ import annotations
@@ -94,8 +95,7 @@ class LlamaModel:
         h = w.embed[input_ids]
         residual = None
         for i, layer in enumerate(w.layers):
-            x, residual = ops.rmsnorm(h, layer.input_norm, cfg.rms_norm_eps, residual)
-            qkv = ops.linear(x, layer.qkv)
+            qkv, residual = ops.norm_linear(h, layer.input_norm, cfg.rms_norm_eps, residual, layer.qkv)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = q.reshape(T, cfg.num_heads, cfg.head_dim)
             k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
@@ -114,8 +114,8 @@ class LlamaModel:
                 meta.max_context_len,
             )
             h = ops.linear(attn.reshape(T, cfg.q_size), layer.o)
-            x, residual = ops.rmsnorm(h, layer.post_norm, cfg.rms_norm_eps, residual)
-            h = ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up)), layer.down)
+            gate_up, residual = ops.norm_linear(h, layer.post_norm, cfg.rms_norm_eps, residual, layer.gate_up)
+            h = ops.linear(ops.silu_mul(gate_up), layer.down)
         out, _ = ops.rmsnorm(h, w.norm, cfg.rms_norm_eps, residual)
         return out
 

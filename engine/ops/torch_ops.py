@@ -35,6 +35,19 @@ class TorchOps:
         normed = r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + eps)
         return weight * normed.to(r.dtype), r
 
+    def fuses_norm_linear(self, rows: int) -> bool:
+        """Whether :meth:`norm_linear` runs as one kernel for ``rows`` rows (never here)."""
+        return False
+
+    def norm_linear(
+        self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, residual: torch.Tensor | None, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-norm block's RMSNorm and the linear layer after it: (linear(rmsnorm(x, residual)),
+        new residual). x [T, H], norm_w [H], residual [T, H] or None, weight [N, H] -> ([T, N], [T, H]).
+        Here the two operators in turn; a backend may run them as one kernel."""
+        normed, residual = self.rmsnorm(x, norm_w, eps, residual)
+        return self.linear(normed, weight), residual
+
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T] (int).
 

@@ -5,6 +5,9 @@ family, launched with the config the autotuner's cache holds for the shape it ru
     linear            gemm              x [T, K] @ W.t(): B is the transposed view of the row-major
                                         weight [N, K] (the family's ``b_transposed`` layout)
     rmsnorm           rmsnorm           the residual add fused in, the new residual written in place
+    norm_linear       norm_gemv         up to 4 rows (decode): rmsnorm and the linear after it as one
+                                        kernel, the new residual in a fresh buffer; more rows: the
+                                        rmsnorm and gemm families in turn
     rope              rope              q and k rotated in place (views of the fused QKV output)
     silu_mul          silu_mul          silu(gate) * up of the fused gate/up output
     kv_store          kv_store          new K and V into the paged cache; negative slots (padding) skipped
@@ -39,8 +42,9 @@ import kernels
 from engine.ops import CONFIG_MODES
 from engine.ops.torch_ops import TorchOps
 from kernels.family import Config, dtype_name
+from kernels.gemm import GEMV_MAX_M
 
-FAMILIES = ("gemm", "rmsnorm", "rope", "silu_mul", "kv_store", "attention_paged")
+FAMILIES = ("gemm", "rmsnorm", "norm_gemv", "rope", "silu_mul", "kv_store", "attention_paged")
 
 # (family, dtype, JSON of the bucketed shape) -> what the dry run resolved for it.
 ResolvedKey = tuple[str, str, str]
@@ -127,6 +131,25 @@ class TritonOps(TorchOps):
             return out, x
         self._fn["rmsnorm"](x, weight, eps, residual=residual, out=x, residual_out=residual)
         return x, residual
+
+    def fuses_norm_linear(self, rows: int) -> bool:
+        """Up to GEMV_MAX_M rows (decode batches), :meth:`norm_linear` is one norm_gemv kernel."""
+        return rows <= GEMV_MAX_M
+
+    def norm_linear(
+        self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, residual: torch.Tensor | None, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(linear(rmsnorm(x, residual)) [T, N], new residual [T, H]). Up to GEMV_MAX_M rows one
+        norm_gemv kernel, which saves the norm's launch in a decode step; more rows the two families."""
+        if not self.fuses_norm_linear(x.shape[0]):
+            return super().norm_linear(x, norm_w, eps, residual, weight)
+        out = x.new_empty(x.shape[0], weight.shape[0])
+        if residual is None:
+            self._fn["norm_gemv"](x, norm_w, eps, weight, out=out)
+            return out, x
+        new_residual = torch.empty_like(x)  # not in place: the kernel's programs all read residual
+        self._fn["norm_gemv"](x, norm_w, eps, weight, residual=residual, out=out, residual_out=new_residual)
+        return out, new_residual
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T]."""

@@ -1,0 +1,242 @@
+"""The norm_gemv family: a pre-norm block's RMSNorm and the linear layer after it, for decode rows.
+
+    h = x + residual                      (only with a residual; h is the new residual stream)
+    C = (h * rsqrt(mean(h^2) + eps) * norm_w) @ W^T
+
+for M <= 4 rows (batch-1 to batch-4 decode), in one kernel instead of an rmsnorm kernel and a
+GEMV. The norm scales each row by one number, so the kernel accumulates the row's sum of squares
+in the same pass over K as the products and applies it at the end (see the template,
+``kernels/templates/norm_gemv.py.j2``). At decode sizes both kernels are bound by latency more
+than by bytes (the rmsnorm of one 2048-wide row moves 12 KB), so one launch fewer per norm is the
+saving; the GEMV's own traffic (W) is unchanged.
+
+Shape dicts are ``{"M", "N", "K", "residual"}``: x [M, K], W [N, K] (a linear layer's weight).
+Tunables: BLOCK_N (columns of C per program), BLOCK_K, num_warps, num_stages.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from kernels import checks
+from kernels.family import Config, Family, Shape, dtype_name, next_pow2, positive_dims, tolerance, torch_dtype
+from kernels.gemm import GEMV_MAX_M
+
+EPS = 1e-5  # make_inputs' epsilon (Llama 3 uses 1e-5)
+
+
+def _dims(shape: Shape) -> tuple[int, int, int, bool]:
+    M, N, K = positive_dims("norm_gemv", shape, ("M", "N", "K"))
+    if M > GEMV_MAX_M:
+        raise ValueError(f"norm_gemv: M={M} rows; the kernel holds every row of x, at most {GEMV_MAX_M}")
+    return M, N, K, bool(shape.get("residual", False))
+
+
+class NormGemvFamily(Family):
+    name = "norm_gemv"
+    template_file = "norm_gemv.py.j2"
+    template_version = 1
+
+    def space(self, shape: Shape, dtype: str) -> dict[str, list]:
+        _, N, K, _ = _dims(shape)
+        torch_dtype(dtype)
+        return {
+            "BLOCK_N": [b for b in (4, 8, 16, 32) if b <= max(4, next_pow2(N))],
+            "BLOCK_K": [b for b in (64, 128, 256, 512) if b <= max(64, next_pow2(K))],
+            "num_warps": [2, 4, 8],
+            "num_stages": [2, 3, 4, 5],
+        }
+
+    def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
+        M, _, _, _ = _dims(shape)
+        # The accumulator [rows, BLOCK_N, BLOCK_K] float32 in registers, as the gemm family's gemv.
+        per_thread = next_pow2(M) * config["BLOCK_N"] * config["BLOCK_K"] // (32 * config["num_warps"])
+        if not 4 <= per_thread <= 64:
+            return (f"a {next_pow2(M)}x{config['BLOCK_N']}x{config['BLOCK_K']} float32 accumulator is "
+                    f"{per_thread} registers per thread with {config['num_warps']} warps")
+        return None
+
+    def default_config(self, shape: Shape, dtype: str) -> Config:
+        """8 columns a program and K steps of 512 -- the tile the gemm family's gemv variant won
+        with at every llama-3.2-1b decode GEMM it took (results/cache/nvidia_h200.json) -- with the
+        warps that keep the accumulator at 16 registers a thread, shrunk until valid."""
+        M, N, K, _ = _dims(shape)
+        space = self.space(shape, dtype)
+        cfg: Config = {"BLOCK_N": min(8, max(space["BLOCK_N"])), "BLOCK_K": min(512, max(space["BLOCK_K"])),
+                       "num_stages": 3}
+        cfg["num_warps"] = min(8, max(2, next_pow2(M) * cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * 16)))
+        while self.reject(shape, dtype, cfg) is not None and cfg["BLOCK_K"] > min(space["BLOCK_K"]):
+            cfg["BLOCK_K"] //= 2
+        return cfg if self.reject(shape, dtype, cfg) is None else self.configs(shape, dtype)[0]
+
+    def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
+        M, N, K, residual = _dims(shape)
+        return {
+            "ROWS": next_pow2(M),
+            "BLOCK_N": config["BLOCK_N"],
+            "BLOCK_K": config["BLOCK_K"],
+            "RESIDUAL": residual,
+            "EVEN_K": K % config["BLOCK_K"] == 0,
+            "EVEN_N": N % config["BLOCK_N"] == 0,
+            "NUM_WARPS": config["num_warps"],
+            "NUM_STAGES": config["num_stages"],
+        }
+
+    # --- running ------------------------------------------------------------------------------
+    def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0) -> dict:
+        """x, norm weight, W (and residual) random; ``out`` is C [M, N], or with a residual the list
+        [C [M, N], new residual [M, K]]."""
+        M, N, K, residual = _dims(shape)
+        dt = torch_dtype(dtype)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        inputs = {
+            "x": torch.randn(M, K, generator=gen).to(device=device, dtype=dt),
+            "norm_w": (1.0 + 0.5 * torch.randn(K, generator=gen)).to(device=device, dtype=dt),
+            "weight": (torch.randn(N, K, generator=gen) / K**0.5).to(device=device, dtype=dt),
+            "eps": EPS,
+            "out": torch.empty(M, N, device=device, dtype=dt),
+        }
+        if residual:
+            inputs["residual"] = torch.randn(M, K, generator=gen).to(device=device, dtype=dt)
+            inputs["out"] = [inputs["out"], torch.empty(M, K, device=device, dtype=dt)]
+        return inputs
+
+    def shape_of(self, inputs: dict) -> Shape:
+        (M, K), N = inputs["x"].shape, inputs["weight"].shape[0]
+        return {"M": M, "N": N, "K": K, "residual": inputs.get("residual") is not None}
+
+    def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
+        if inputs.get("residual") is None:
+            return norm_gemv(inputs["x"], inputs["norm_w"], inputs["eps"], inputs["weight"], config=config,
+                             out=inputs["out"])
+        out, res_out = inputs["out"]
+        norm_gemv(inputs["x"], inputs["norm_w"], inputs["eps"], inputs["weight"], residual=inputs["residual"],
+                  config=config, out=out, residual_out=res_out)
+        return torch.cat([out, res_out], dim=1)
+
+    def timed_call(self, inputs: dict, config: Config | None) -> Callable[[], Any]:
+        """The launch alone: ``run`` also joins C and the new residual into one tensor to compare."""
+        if inputs.get("residual") is None:
+            return lambda: self.run(inputs, config)
+        out, res_out = inputs["out"]
+        return lambda: norm_gemv(inputs["x"], inputs["norm_w"], inputs["eps"], inputs["weight"],
+                                 residual=inputs["residual"], config=config, out=out, residual_out=res_out)
+
+    def reference(self, inputs: dict) -> torch.Tensor:
+        h = inputs["x"].double()
+        if inputs.get("residual") is not None:
+            h = h + inputs["residual"].double()
+        y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + inputs["eps"]) * inputs["norm_w"].double()
+        out = y @ inputs["weight"].double().t()
+        return out if inputs.get("residual") is None else torch.cat([out, h], dim=1)
+
+    def baseline(self, inputs: dict) -> torch.Tensor:
+        """The unfused PyTorch pair: RMSNorm (statistics in float32, as transformers), then F.linear."""
+        h = inputs["x"] if inputs.get("residual") is None else inputs["x"] + inputs["residual"]
+        h32 = h.float()
+        y = inputs["norm_w"] * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + inputs["eps"])).to(h.dtype)
+        out = torch.nn.functional.linear(y, inputs["weight"])
+        return out if inputs.get("residual") is None else torch.cat([out, h], dim=1)
+
+    def call(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, *,
+             config: Config | None = None, **kwargs: Any) -> torch.Tensor:
+        return norm_gemv(x, norm_w, eps, weight, config=config, **kwargs)
+
+    def shape_from_call(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, *,
+                        residual: torch.Tensor | None = None, **_: Any) -> Shape:
+        return {"M": x.shape[0], "N": weight.shape[0], "K": x.shape[1], "residual": residual is not None}
+
+    def tolerance(self, dtype: str, device: torch.device | str) -> float:
+        # No matrix units: float32 products stay float32 on a GPU too (no TF32 allowance).
+        return 1e-5 if dtype == "float32" else tolerance(dtype, device)
+
+    # --- cost model ---------------------------------------------------------------------------
+    def flops(self, shape: Shape) -> float:
+        M, N, K, residual = _dims(shape)
+        # The products and sums, plus per element of x: the square, its sum, the norm weight (and the add).
+        return float(2 * M * N * K + M * K * (4 if residual else 3))
+
+    def bytes(self, shape: Shape, dtype: str) -> float:
+        M, N, K, residual = _dims(shape)
+        elt = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+        # W once, x, the norm weight and C (+ residual in, new residual out).
+        return float((N * K + M * K * (3 if residual else 1) + K + M * N) * elt)
+
+    def tiny_shapes(self) -> list[Shape]:
+        return [
+            {"M": 1, "N": 40, "K": 96, "residual": True},  # decode; no tile divides N
+            {"M": 3, "N": 64, "K": 200, "residual": False},  # padded rows; no K tile divides K
+            {"M": 4, "N": 33, "K": 128, "residual": True},
+        ]
+
+
+FAMILY = NormGemvFamily()
+
+
+def norm_gemv(
+    x: torch.Tensor,
+    norm_w: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    *,
+    residual: torch.Tensor | None = None,
+    config: Config | None = None,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """C = rmsnorm(x [+ residual]) @ weight^T for M <= 4 rows, one kernel.
+
+    x [M, K], norm_w [K], weight [N, K]; residual [M, K] or None. Returns out [M, N] in x's dtype.
+    With a residual, h = x + residual (rounded to x's dtype) is written to ``residual_out`` [M, K],
+    which must be given and must not overlap x or residual (every program reads those while the
+    first one writes). Last dims contiguous; rows may have any stride. ``config`` None: the
+    family's default config.
+    """
+    fn = "norm_gemv"
+    checks.tensor(fn, "x", x, 2)
+    checks.float_dtype(fn, "x", x)
+    checks.tensor(fn, "norm_w", norm_w, 1)
+    checks.tensor(fn, "weight", weight, 2)
+    M, K = x.shape
+    N = weight.shape[0]
+    checks.float_dtype(fn, "norm_w", norm_w, like=x)
+    checks.float_dtype(fn, "weight", weight, like=x)
+    checks.shape(fn, "norm_w", norm_w, (K,), "[K]")
+    checks.shape(fn, "weight", weight, (N, K), "[N, K]")
+    if M > GEMV_MAX_M:
+        raise ValueError(f"{fn}: x has {M} rows; the kernel takes at most {GEMV_MAX_M} (use rmsnorm, then the gemm family)")
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"{fn}: config must be a dict or None, got {type(config).__name__}")
+    tensors = {"x": x, "norm_w": norm_w, "weight": weight}
+    if residual is not None:
+        checks.tensor(fn, "residual", residual, 2)
+        checks.float_dtype(fn, "residual", residual, like=x)
+        checks.shape(fn, "residual", residual, (M, K), "[M, K]")
+        if residual_out is None:
+            raise ValueError(f"{fn}: with a residual, residual_out [M, K] must be given for the new residual stream")
+        checks.tensor(fn, "residual_out", residual_out, 2)
+        checks.float_dtype(fn, "residual_out", residual_out, like=x)
+        checks.shape(fn, "residual_out", residual_out, (M, K), "[M, K]")
+        for name, other in (("x", x), ("residual", residual)):
+            if M and K and residual_out.untyped_storage().data_ptr() == other.untyped_storage().data_ptr():
+                raise ValueError(f"{fn}: residual_out shares memory with {name}; other programs still read it")
+        tensors.update(residual=residual, residual_out=residual_out)
+    if out is None:
+        out = x.new_empty(M, N)
+    checks.tensor(fn, "out", out, 2)
+    checks.float_dtype(fn, "out", out, like=x)
+    checks.shape(fn, "out", out, (M, N), "[M, N]")
+    tensors["out"] = out
+    checks.same_device(fn, **tensors)
+    for name, t in tensors.items():
+        checks.unit_last_stride(fn, name, t)
+    if M == 0 or N == 0:
+        return out
+    shape = {"M": M, "N": N, "K": K, "residual": residual is not None}
+    module = FAMILY.resolve(shape, dtype_name(x.dtype), config)[1]
+    if residual is None:
+        module.launch(x, norm_w, weight, out, eps)
+    else:
+        module.launch(x, residual, residual_out, norm_w, weight, out, eps)
+    return out
