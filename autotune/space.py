@@ -5,6 +5,8 @@ they know which candidates are ordered, so each parameter becomes:
 - an integer range when the candidates are an arithmetic progression (``num_stages`` 2..5);
 - an integer range over the exponent, named ``log2_<key>``, when they are powers of two whose
   exponents are an arithmetic progression (tile sizes 16..256, ``SPLIT_K`` 1..16);
+- an integer range over the rank in sorted order, named ``rank_<key>``, for any other list of
+  positive integers (GEMM tile widths 32, 64, 96, 128, 192, 256: about half a power of two a step);
 - a categorical distribution otherwise (structural variants, booleans, irregular lists).
 
 The same ordinal positions give a distance between configs, used to repair a proposal that the
@@ -80,7 +82,7 @@ class Param:
     key: str
     name: str
     values: tuple
-    kind: str  # "int", "log2" or "categorical"
+    kind: str  # "int", "log2", "rank" or "categorical"
 
     @property
     def ordinal(self) -> bool:
@@ -94,10 +96,14 @@ class Param:
         return IntDistribution(codes[0], codes[-1], step=step)
 
     def encode(self, value: Any) -> Any:
-        return int(math.log2(value)) if self.kind == "log2" else value
+        if self.kind == "log2":
+            return int(math.log2(value))
+        return self.values.index(value) if self.kind == "rank" else value
 
     def decode(self, code: Any) -> Any:
-        return 1 << int(code) if self.kind == "log2" else code
+        if self.kind == "log2":
+            return 1 << int(code)
+        return self.values[int(code)] if self.kind == "rank" else code
 
 
 def _param(key: str, values: list) -> Param:
@@ -107,6 +113,8 @@ def _param(key: str, values: list) -> Param:
             return Param(key, key, tuple(ordered), "int")
         if all(v > 0 and v & (v - 1) == 0 for v in ordered) and _arithmetic([v.bit_length() for v in ordered]):
             return Param(key, f"log2_{key}", tuple(ordered), "log2")
+        if ordered[0] > 0 and len(set(ordered)) == len(ordered):
+            return Param(key, f"rank_{key}", tuple(ordered), "rank")
     return Param(key, key, tuple(values), "categorical")
 
 

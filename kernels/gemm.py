@@ -13,6 +13,10 @@ Structural variants (the categorical parameter ``variant``):
   a float32 workspace, so a problem of fewer tiles than SMs (M = 256, say) still uses every SM;
 - ``tma_splitk``: ``splitk`` over TMA tiles: the float32 partial tiles go to the workspace as two
   half-tile tensor-memory stores;
+- ``tma`` also takes tiles 96 and 192 wide (``BLOCK_N`` three times a power of two), computed and
+  stored as two column parts of powers of two (64 + 32, 128 + 64): a width that cuts N into a
+  number of tiles close to the SM count where powers of two cannot (256 x 6144: 128 tiles of 128x96
+  for 132 SMs, against 96 of 128x128);
 - ``gemv`` (M <= 4, decode): no tensor cores. Each program owns BLOCK_N columns of C for every row,
   multiplies [BLOCK_N, BLOCK_K] tiles of B with A's rows elementwise in float32 and sums over K at
   the end. Narrow tiles (8 or 16 columns) give enough programs to keep every SM streaming B without
@@ -37,6 +41,9 @@ GEMV_MAX_M = 4  # the gemv variant's accumulator holds every row: [next_pow2(M),
 _HALF_STORE = ("tma_persistent_subtile", "tma_stream_k", "tma_splitk")  # variants storing C as two half-tiles
 _SPLIT = ("splitk", "tma_splitk")
 _ONE_TILE = ("tma", "tma_splitk")  # TMA variants whose programs each own one tile
+# The variant taking a BLOCK_N of two column parts (96, 192). The persistent variants ran such tiles
+# at half the speed of one tile a program (results/gemm_parts_n/), so they keep powers of two.
+_PARTS_N = ("tma",)
 _INT32_MAX = 2**31 - 1
 
 
@@ -47,6 +54,21 @@ def _elt(dtype: str) -> int:
 def _tma_misaligned(N: int, K: int, dtype: str) -> bool:
     """Whether rows of A [M, K], B and C [M, N] miss the 16-byte alignment tensor descriptors need."""
     return bool((K * _elt(dtype)) % 16 or (N * _elt(dtype)) % 16)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def n_parts(block_n: int) -> list[int]:
+    """The column parts of a tile ``block_n`` wide: itself if a power of two, else the largest power
+    of two below it and the rest (96 -> [64, 32]); ``ValueError`` if the rest is not a power of two."""
+    if _pow2(block_n):
+        return [block_n]
+    first = 1 << (block_n.bit_length() - 1)
+    if not _pow2(block_n - first):
+        raise ValueError(f"BLOCK_N={block_n} is neither a power of two nor the sum of two")
+    return [first, block_n - first]
 
 
 def _wave_fill(programs: int, sms: int) -> float:
@@ -70,6 +92,8 @@ def _hopper_tiles(M: int, N: int, K: int, sms: int) -> Config:
         cfg.update(BLOCK_M=64, BLOCK_K=128, num_stages=4)
     elif few:
         cfg.update(variant="tma_splitk", SPLIT_K=split)
+    elif _wave_fill(-(-M // 128) * -(-N // 96), sms) >= 0.9:
+        cfg.update(variant="tma", BLOCK_N=96, BLOCK_K=128, num_stages=4)
     return cfg
 
 
@@ -96,7 +120,8 @@ class GemmFamily(Family):
         return {
             "variant": [v for v in VARIANTS if (tma_ok or not v.startswith("tma")) and (gemv or v != "gemv")],
             "BLOCK_M": block_m,
-            "BLOCK_N": [b for b in (8, 16, 32, 64, 128, 256) if (gemv or b >= 32) and b <= max(32, next_pow2(N))],
+            "BLOCK_N": [b for b in (8, 16, 32, 64, 96, 128, 192, 256)
+                        if (gemv or b >= 32) and (tma_ok or _pow2(b)) and b <= max(32, next_pow2(N))],
             "BLOCK_K": [b for b in (32, 64, 128, 256, 512) if (gemv or b <= 256) and b <= max(32, next_pow2(K))],
             "GROUP_M": [1, 8],
             "SPLIT_K": [1, 2, 4, 8, 16],
@@ -109,6 +134,8 @@ class GemmFamily(Family):
         v, bm, bn, bk = config["variant"], config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
         split, warps, stages = config["SPLIT_K"], config["num_warps"], config["num_stages"]
         elt = _elt(dtype)
+        if not _pow2(bn) and (v not in _PARTS_N or len(n_parts(bn)) != 2):
+            return f"BLOCK_N={bn} is not a power of two: only {', '.join(_PARTS_N)} takes such a tile, in two column parts"
         if (v in _SPLIT) != (split > 1):
             return "SPLIT_K > 1 goes with the split-K variants and only with them"
         if split > 1 and -(-K // bk) < split:
@@ -137,8 +164,14 @@ class GemmFamily(Family):
             # 8-byte barrier per pipeline stage. (Exact against Triton 3.6's sm_90 compile for tiles
             # of 64 rows or more.)
             epilogue = bm * bn * (4 if v in _SPLIT else elt) // (2 if v in _HALF_STORE else 1)
-            smem = (max(smem, epilogue) if v in _ONE_TILE else smem + epilogue) + 8 * stages
-            if v == "tma_persistent_subtile" and bm == 64 and warps == 8:
+            barriers = 8 * stages
+            if not _pow2(bn):
+                # Two column parts: both staging buffers are live, and the loads take a second
+                # array of barriers after the first (padded to 16 bytes).
+                epilogue = bm * bn * elt
+                barriers += 8 * stages + 8 * (stages % 2)
+            smem = (max(smem, epilogue) if v in _ONE_TILE else smem + epilogue) + barriers
+            if v == "tma_persistent_subtile" and bm == 64 and warps == 8 and _pow2(bn):
                 # Two warp groups on 64 rows split N between them, so halving the tile shuffles the
                 # accumulator through shared memory, live while the next tile's loads are in flight
                 # (Triton 3.6's sm_90 compile: bm * bn * 2 bytes, 8 KiB at least, more).
@@ -166,7 +199,10 @@ class GemmFamily(Family):
         them with the fewest K slices (2, 4 or 8, each at least 1024 deep) that fill the last wave
         to 90% (256x2048x8192: 32 tiles x 4 slices, 1.36x the best unsplit tile), or 64x128x128
         where the slices would be shorter (256x3072x2048, 256x2048x2048: the reduction's traffic
-        costs more than the idle SMs). Elsewhere for M > 64: 128x256x64 tiles, 8 warps, grouped order.
+        costs more than the idle SMs); else, when 128x96 tiles (two column parts, the ``tma``
+        variant) fill a wave to 90%, those with BLOCK_K 128, 4 warps and 4 stages (256x6144x4096:
+        128 tiles for 132 SMs, 1.12x the 96 tiles of 128x128 in results/gemm_parts_n/).
+        Elsewhere for M > 64: 128x256x64 tiles, 8 warps, grouped order.
         M <= 64 (decode and small batches) is bound by streaming B, so what matters is enough programs to
         keep every SM loading: the widest N tile that still gives about one tile per SM, and when
         even 32-wide tiles give too few (small N), K split across programs until they do -- the
@@ -203,7 +239,7 @@ class GemmFamily(Family):
             elif cfg["BLOCK_K"] > min(space["BLOCK_K"]):
                 cfg["BLOCK_K"] //= 2
             elif cfg["BLOCK_N"] > min(space["BLOCK_N"]):
-                cfg["BLOCK_N"] //= 2
+                cfg["BLOCK_N"] = max(b for b in space["BLOCK_N"] if b < cfg["BLOCK_N"])
             elif cfg["BLOCK_M"] > min(space["BLOCK_M"]):
                 cfg["BLOCK_M"] //= 2
             else:
@@ -224,6 +260,7 @@ class GemmFamily(Family):
         }
         if config["variant"].startswith("tma"):
             facts["B_TRANS"] = bool(shape.get("b_transposed", True))
+            facts["N_PARTS"] = n_parts(config["BLOCK_N"])
         else:
             if config["variant"] == "gemv":
                 facts["ROWS"] = next_pow2(M)

@@ -139,6 +139,21 @@ class _TableEvaluator:
         return {"status": "ok", "ms": ms, "ms_p20": ms, "ms_p80": ms}
 
 
+def test_irregular_positive_integers_stay_ordered_for_the_samplers():
+    """Tile widths with 96 and 192 among the powers of two are an integer range over their rank (an
+    ordinal the samplers model), not a categorical; a list with 0 (maxnreg: 0 means uncapped) is
+    categorical; configs round-trip through the Optuna parameters."""
+    space = SearchSpace({"BLOCK_N": [256, 32, 96, 64, 192, 128], "maxnreg": [0, 128, 168], "num_stages": [2, 3, 4]})
+    widths, cap, _ = space.params
+    assert (widths.name, widths.kind, widths.values) == ("rank_BLOCK_N", "rank", (32, 64, 96, 128, 192, 256))
+    dist = space.distributions["rank_BLOCK_N"]
+    assert isinstance(dist, optuna.distributions.IntDistribution) and (dist.low, dist.high, dist.step) == (0, 5, 1)
+    assert cap.kind == "categorical"
+    cfg = {"BLOCK_N": 192, "maxnreg": 128, "num_stages": 3}
+    assert space.encode(cfg)["rank_BLOCK_N"] == 4 and space.decode(space.encode(cfg)) == cfg
+    assert space.project({**cfg, "BLOCK_N": 80})["BLOCK_N"] == 96  # nearest on a log scale
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "gp", "random", "exhaustive"])
 def test_search_spends_budget_only_on_new_valid_configs(sampler):
     fam, shape = kernels.get_family("gemm"), {"M": 37, "N": 29, "K": 45}

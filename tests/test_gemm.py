@@ -117,7 +117,8 @@ def test_default_config_is_valid_over_many_shapes() -> None:
 def test_hopper_default_is_the_subtiled_tma_variant_and_valid(monkeypatch) -> None:
     """With an H200's facts: M > 64 with TMA-aligned rows defaults to tma_persistent_subtile (128x256
     tiles when they fill the last wave, else 128x128, or 64x128 when 128x128 tiles leave SMs idle),
-    anything else to the pointer variants; every default passes the constraints."""
+    split-K or one-tile 128x96 where those fill the SMs better; anything else to the pointer
+    variants; every default passes the constraints."""
     _as_h200(monkeypatch)
     picks = {}
     for M in (1, 16, 64, 65, 100, 256, 1024, 4096):
@@ -133,8 +134,8 @@ def test_hopper_default_is_the_subtiled_tma_variant_and_valid(monkeypatch) -> No
     assert picks[(1024, 6144, 4096, "bfloat16")]["BLOCK_M"] == 128  # 384 tiles of 128x128 fill 2.9 waves
     small = picks[(256, 4096, 4096, "bfloat16")]  # 128x128 would be 64 tiles on 132 SMs
     assert (small["variant"], small["BLOCK_M"], small["BLOCK_N"], small["BLOCK_K"]) == ("tma_persistent_subtile", 64, 128, 128)
-    wide = picks[(256, 6144, 4096, "bfloat16")]  # 96 tiles of 128x128 keep most SMs busy
-    assert (wide["variant"], wide["BLOCK_M"], wide["BLOCK_N"]) == ("tma_persistent_subtile", 128, 128)
+    wide = picks[(256, 6144, 4096, "bfloat16")]  # 96 tiles of 128x128 idle 36 SMs; 128 of 128x96 do not
+    assert (wide["variant"], wide["BLOCK_M"], wide["BLOCK_N"], wide["BLOCK_K"]) == ("tma", 128, 96, 128)
     split = picks[(256, 2048, 8192, "bfloat16")]  # 32 tiles of 128x128; x 4 slices of K 2048: 128 programs
     assert (split["variant"], split["BLOCK_M"], split["SPLIT_K"]) == ("tma_splitk", 128, 4)
     short = picks[(256, 3072, 2048, "bfloat16")]  # slices of K 512 would be too short to pay for the reduction
@@ -224,6 +225,29 @@ def test_subtiled_epilogue_stores_both_halves(device) -> None:
     assert "tl.split" in src and "BLOCK_N.value // 2" in src
 
 
+@pytest.mark.parametrize("block_m", [32, 64])
+@pytest.mark.parametrize("block_n", [96, 192])
+def test_tiles_of_two_column_parts(block_m: int, block_n: int, dtype: str, device) -> None:
+    """A BLOCK_N of three powers of two (96 = 64 + 32, 192 = 128 + 64) computes and stores both
+    column parts: N = 200 leaves the last tile's second part (or all of it) past the edge, several
+    tile-rows with grouped order, B both ways; other variants reject such a tile."""
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(block_n)
+    a = torch.randn(70, 96, generator=g).to(device, dt)
+    w = torch.randn(200, 96, generator=g).to(device, dt)
+    cfg = {"variant": "tma", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "GROUP_M": 8,
+           "SPLIT_K": 1, "num_warps": 4, "num_stages": 2}
+    shape = FAMILY.shape_from_call(a, w.t())
+    assert block_n in FAMILY.space(shape, dtype)["BLOCK_N"]
+    FAMILY.check_config(shape, dtype, cfg)
+    _check(a, w.t(), dtype, device, cfg)
+    _check(a, w.t().contiguous(), dtype, device, cfg)  # B row-major [K, N]
+    src = FAMILY.emit(shape, dtype, cfg)
+    assert "acc1 = tl.dot" in src and "c1_desc.store" in src
+    for other in ("tiled", "tma_persistent", "tma_persistent_subtile", "tma_stream_k", "tma_splitk"):
+        assert "not a power of two" in FAMILY.reject(shape, dtype, {**cfg, "variant": other})
+
+
 @pytest.mark.parametrize("M,N,K,group_m", [(40, 72, 160, 1), (100, 200, 480, 8), (16, 32, 32, 1)])
 def test_stream_k_hands_partial_tiles_over(M: int, N: int, K: int, group_m: int, device) -> None:
     """tma_stream_k: tiles whose K steps fall in several programs' ranges (on the interpreter's 4
@@ -281,6 +305,9 @@ def test_shared_memory_model_counts_the_subtile_shuffle_of_two_warp_groups(monke
     ("tma_persistent", (128, 128, 64), 4, 5, 196648),  # persistent: the epilogue comes on top
     ("tma_persistent_subtile", (64, 256, 64), 8, 2, 131088),  # plus the two-warp-group shuffle
     ("tma_stream_k", (256, 64, 128), 4, 2, 180240),
+    ("tma", (128, 96, 64), 4, 5, 143448),  # two column parts: both staging buffers, two barrier arrays
+    ("tma", (128, 96, 64), 4, 4, 114752),
+    ("tma", (128, 96, 128), 4, 4, 229440),
 ])
 def test_shared_memory_model_matches_the_sm90_compile(monkeypatch, variant, tile, warps, stages, compiled) -> None:
     """The constraint's byte count equals what Triton 3.6 allocated compiling these configs for sm_90
