@@ -104,18 +104,22 @@ class _Recorder:
         shape = {"tokens": x.shape[0], "hidden": x.shape[1], "residual": residual is not None}
         return self._do("rmsnorm", "rmsnorm", shape, "rmsnorm", x, weight, eps, residual)
 
-    def fuses_norm_linear(self, rows: int) -> bool:
-        return self.ops.fuses_norm_linear(rows)
-
     def norm_linear(self, x, norm_w, eps, residual, weight):
         # Unfused, the norm and the projection are two calls, recorded as such; fused, the one
         # kernel is booked under the projection's operator (family norm_gemv).
-        if not self.ops.fuses_norm_linear(x.shape[0]):
+        if not self.ops.fuses_into_gemv(x.shape[0]):
             normed, residual = self.rmsnorm(x, norm_w, eps, residual)
             return self.linear(normed, weight), residual
         shape = {"M": x.shape[0], "N": weight.shape[0], "K": x.shape[1], "residual": residual is not None}
         return self._do(self.weight_names[weight.data_ptr()], "norm_gemv", shape, "norm_linear", x, norm_w, eps,
                         residual, weight)
+
+    def silu_linear(self, gate_up, weight):
+        # As norm_linear: fused, the one kernel is booked under the down projection (family silu_gemv).
+        if not self.ops.fuses_into_gemv(gate_up.shape[0]):
+            return self.linear(self.silu_mul(gate_up), weight)
+        shape = {"M": gate_up.shape[0], "N": weight.shape[0], "K": weight.shape[1]}
+        return self._do(self.weight_names[weight.data_ptr()], "silu_gemv", shape, "silu_linear", gate_up, weight)
 
     def rope(self, q, k, positions, cos_sin):
         shape = {"tokens": q.shape[0], "heads_q": q.shape[1], "heads_kv": k.shape[1], "head_dim": q.shape[2]}

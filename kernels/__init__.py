@@ -24,6 +24,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "silu_mul": "kernels.silu_mul",
     "kv_store": "kernels.kv_store",
     "norm_gemv": "kernels.norm_gemv",
+    "silu_gemv": "kernels.silu_gemv",
 }
 
 

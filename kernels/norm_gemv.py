@@ -11,7 +11,7 @@ than by bytes (the rmsnorm of one 2048-wide row moves 12 KB), so one launch fewe
 saving; the GEMV's own traffic (W) is unchanged.
 
 Shape dicts are ``{"M", "N", "K", "residual"}``: x [M, K], W [N, K] (a linear layer's weight).
-Tunables: BLOCK_N (columns of C per program), BLOCK_K, num_warps, num_stages.
+Space, constraints and default: ``kernels/gemv_prologue.py``.
 """
 from __future__ import annotations
 
@@ -20,68 +20,23 @@ from typing import Any, Callable
 import torch
 
 from kernels import checks
-from kernels.family import Config, Family, Shape, dtype_name, next_pow2, positive_dims, tolerance, torch_dtype
-from kernels.gemm import GEMV_MAX_M
+from kernels.family import Config, Shape, dtype_name, torch_dtype
+from kernels.gemv_prologue import GemvPrologueFamily, check_rows, gemv_dims
 
 EPS = 1e-5  # make_inputs' epsilon (Llama 3 uses 1e-5)
 
 
 def _dims(shape: Shape) -> tuple[int, int, int, bool]:
-    M, N, K = positive_dims("norm_gemv", shape, ("M", "N", "K"))
-    if M > GEMV_MAX_M:
-        raise ValueError(f"norm_gemv: M={M} rows; the kernel holds every row of x, at most {GEMV_MAX_M}")
-    return M, N, K, bool(shape.get("residual", False))
+    return (*gemv_dims("norm_gemv", shape), bool(shape.get("residual", False)))
 
 
-class NormGemvFamily(Family):
+class NormGemvFamily(GemvPrologueFamily):
     name = "norm_gemv"
     template_file = "norm_gemv.py.j2"
     template_version = 1
 
-    def space(self, shape: Shape, dtype: str) -> dict[str, list]:
-        _, N, K, _ = _dims(shape)
-        torch_dtype(dtype)
-        return {
-            "BLOCK_N": [b for b in (4, 8, 16, 32) if b <= max(4, next_pow2(N))],
-            "BLOCK_K": [b for b in (64, 128, 256, 512) if b <= max(64, next_pow2(K))],
-            "num_warps": [2, 4, 8],
-            "num_stages": [2, 3, 4, 5],
-        }
-
-    def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
-        M, _, _, _ = _dims(shape)
-        # The accumulator [rows, BLOCK_N, BLOCK_K] float32 in registers, as the gemm family's gemv.
-        per_thread = next_pow2(M) * config["BLOCK_N"] * config["BLOCK_K"] // (32 * config["num_warps"])
-        if not 4 <= per_thread <= 64:
-            return (f"a {next_pow2(M)}x{config['BLOCK_N']}x{config['BLOCK_K']} float32 accumulator is "
-                    f"{per_thread} registers per thread with {config['num_warps']} warps")
-        return None
-
-    def default_config(self, shape: Shape, dtype: str) -> Config:
-        """8 columns a program and K steps of 512 -- the tile the gemm family's gemv variant won
-        with at every llama-3.2-1b decode GEMM it took (results/cache/nvidia_h200.json) -- with the
-        warps that keep the accumulator at 16 registers a thread, shrunk until valid."""
-        M, N, K, _ = _dims(shape)
-        space = self.space(shape, dtype)
-        cfg: Config = {"BLOCK_N": min(8, max(space["BLOCK_N"])), "BLOCK_K": min(512, max(space["BLOCK_K"])),
-                       "num_stages": 3}
-        cfg["num_warps"] = min(8, max(2, next_pow2(M) * cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * 16)))
-        while self.reject(shape, dtype, cfg) is not None and cfg["BLOCK_K"] > min(space["BLOCK_K"]):
-            cfg["BLOCK_K"] //= 2
-        return cfg if self.reject(shape, dtype, cfg) is None else self.configs(shape, dtype)[0]
-
     def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
-        M, N, K, residual = _dims(shape)
-        return {
-            "ROWS": next_pow2(M),
-            "BLOCK_N": config["BLOCK_N"],
-            "BLOCK_K": config["BLOCK_K"],
-            "RESIDUAL": residual,
-            "EVEN_K": K % config["BLOCK_K"] == 0,
-            "EVEN_N": N % config["BLOCK_N"] == 0,
-            "NUM_WARPS": config["num_warps"],
-            "NUM_STAGES": config["num_stages"],
-        }
+        return {**self.tile_facts(shape, config), "RESIDUAL": _dims(shape)[3]}
 
     # --- running ------------------------------------------------------------------------------
     def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0) -> dict:
@@ -147,10 +102,6 @@ class NormGemvFamily(Family):
                         residual: torch.Tensor | None = None, **_: Any) -> Shape:
         return {"M": x.shape[0], "N": weight.shape[0], "K": x.shape[1], "residual": residual is not None}
 
-    def tolerance(self, dtype: str, device: torch.device | str) -> float:
-        # No matrix units: float32 products stay float32 on a GPU too (no TF32 allowance).
-        return 1e-5 if dtype == "float32" else tolerance(dtype, device)
-
     # --- cost model ---------------------------------------------------------------------------
     def flops(self, shape: Shape) -> float:
         M, N, K, residual = _dims(shape)
@@ -204,8 +155,7 @@ def norm_gemv(
     checks.float_dtype(fn, "weight", weight, like=x)
     checks.shape(fn, "norm_w", norm_w, (K,), "[K]")
     checks.shape(fn, "weight", weight, (N, K), "[N, K]")
-    if M > GEMV_MAX_M:
-        raise ValueError(f"{fn}: x has {M} rows; the kernel takes at most {GEMV_MAX_M} (use rmsnorm, then the gemm family)")
+    check_rows(fn, M)
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"{fn}: config must be a dict or None, got {type(config).__name__}")
     tensors = {"x": x, "norm_w": norm_w, "weight": weight}

@@ -41,10 +41,12 @@ def test_warmup_resolves_every_shape_the_decode_steps_launch(model_dir, tmp_path
     def decode_mn(family: str) -> set[tuple[int, int]]:
         return {(r["shape"]["M"], r["shape"]["N"]) for r in rows if r["family"] == family and r["step"] == "decode"}
 
-    for b in (1, 2, 4):  # at M = batch: output and down projections and the LM head on gemm; QKV and
-        # gate/up with the norm before them on norm_gemv (a decode batch is at most 4 rows here)
+    for b in (1, 2, 4):  # at M = batch: the output projection and the LM head on gemm; QKV and gate/up
+        # with the norm before them on norm_gemv, down with the activation on silu_gemv (a decode
+        # batch is at most 4 rows here)
         assert {(b, c.hidden_size), (b, c.vocab_size)} <= decode_mn("gemm")
         assert {(b, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim), (b, 2 * c.intermediate_size)} <= decode_mn("norm_gemv")
+        assert (b, c.hidden_size) in decode_mn("silu_gemv")  # the down projection, its activation fused
     attn = [r["shape"] for r in rows if r["family"] == "attention_paged" and r["step"] == "decode"]
     assert {a["context_len"] for a in attn} == {256} and {a["query_len"] for a in attn} == {1}  # max_model_len 160
     prefill = [r["shape"] for r in rows if r["family"] == "gemm" and r["step"] == "prefill"]
@@ -64,15 +66,18 @@ def test_warmup_tunes_the_shape_set(model_dir, tmp_path):
     cache, storage = tmp_path / "cache.json", tmp_path / "optuna.db"
     llm = LLM(model_dir, block_size=4, num_kv_blocks=40, max_num_seqs=2, max_num_batched_tokens=8,
               config_cache=cache)
-    rows = llm.warmup(tune_trials=1, families=["silu_mul"], decode_sizes=[1], prefill_sizes=[8], storage=storage)
+    # The activation: silu_mul in the 8-token prefill, inside the down projection (silu_gemv) at decode.
+    families = ["silu_mul", "silu_gemv"]
+    rows = llm.warmup(tune_trials=1, families=families, decode_sizes=[1], prefill_sizes=[8], storage=storage)
     tuned = llm.tuned_configs
-    assert sorted(t["shape"]["tokens"] for t in tuned) == [1, 8] and all(t["family"] == "silu_mul" for t in tuned)
+    assert sorted((t["family"], t["shape"].get("tokens", t["shape"].get("M"))) for t in tuned) == [
+        ("silu_gemv", 1), ("silu_mul", 8)]
     entries = json.loads(cache.read_text())["entries"]
     assert len(entries) == 2
     for t in tuned:
-        [row] = [r for r in rows if r["family"] == "silu_mul" and r["shape"] == t["shape"]]
+        [row] = [r for r in rows if r["family"] == t["family"] and r["shape"] == t["shape"]]
         assert row["source"] == "exact" and row["config"] == t["config"]
-    assert {r["source"] for r in rows if r["family"] != "silu_mul"} == {"default"}
+    assert {r["source"] for r in rows if r["family"] not in families} == {"default"}
     # The engine launches with the tuned configs and still computes the same tokens.
     reference = LLM(model_dir, kernels="torch", block_size=4, num_kv_blocks=40)
     prompts = [[7, 8, 9, 10, 11, 12, 13, 14], [40, 41, 42]]

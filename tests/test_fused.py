@@ -1,4 +1,5 @@
-"""Fused families (rmsnorm, norm_gemv, rope, silu_mul, kv_store): what the generic harness does not cover.
+"""Fused families (rmsnorm, norm_gemv, rope, silu_mul, silu_gemv, kv_store): what the generic harness
+does not cover.
 
 The rope cache against transformers' rope init functions and rotary embedding, rope against
 transformers' apply_rotary_pos_emb, the fused residual output, in-place and strided operands,
@@ -21,6 +22,7 @@ from kernels import kv_store as kvs
 from kernels import norm_gemv as ng
 from kernels import rmsnorm as rms
 from kernels import rope as rp
+from kernels import silu_gemv as sg
 from kernels import silu_mul as sm
 from kernels.family import rel_error
 
@@ -286,6 +288,45 @@ def test_norm_gemv_bad_input(change, err, match) -> None:
         ng.norm_gemv(x, norm_w, 1e-5, weight, **args)
 
 
+# --- silu_gemv ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_silu_gemv_equals_the_unfused_pair(rows, dtype, device) -> None:
+    """One kernel against the engine's unfused operators (silu_mul rounded to the dtype, then
+    F.linear) and the float64 reference, with strided rows, a K no tile divides and N no column
+    tile divides; the input is left as it was."""
+    from engine.ops.torch_ops import TorchOps
+
+    dt = getattr(torch, dtype)
+    K, N = 200, 37
+    gate_up = (2 * _randn(rows, 2 * K + 16, dtype=torch.float32, device=device, seed=rows)).to(dt)[:, : 2 * K]
+    weight = (_randn(N, K, dtype=torch.float32, device=device, seed=5) / K**0.5).to(dt)
+    before = gate_up.clone()
+    out = torch.full((rows, N), float("nan"), dtype=dt, device=device)
+    sg.silu_gemv(gate_up, weight, out=out)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    exact = (gate * torch.sigmoid(gate) * up) @ weight.double().t()
+    tol = sg.FAMILY.tolerance(dtype, device)
+    assert rel_error(out, exact) <= tol
+    assert rel_error(out, TorchOps().silu_linear(gate_up, weight).double()) <= tol
+    assert torch.equal(gate_up, before)
+
+
+@pytest.mark.parametrize(
+    "gate_up,weight,kwargs,err,match",
+    [
+        (torch.randn(5, 16), torch.randn(6, 8), {}, ValueError, "at most 4"),
+        (torch.randn(2, 15), torch.randn(6, 8), {}, ValueError, r"gate_up must be \[M, 2K\]"),
+        (torch.randn(2, 16), torch.randn(6, 8, dtype=torch.float16), {}, TypeError, "weight has dtype"),
+        (torch.randn(2, 16), torch.randn(6, 8), {"out": torch.randn(2, 5)}, ValueError, "out must be"),
+        (torch.randn(16, 2).t(), torch.randn(6, 8), {}, ValueError, "contiguous last dim"),
+        (torch.randn(2, 16), torch.randn(6, 8), {"config": {"BLOCK_N": 8}}, ValueError, "lacks key"),
+    ],
+)
+def test_silu_gemv_bad_input(gate_up, weight, kwargs, err, match) -> None:
+    with pytest.raises(err, match=match):
+        sg.silu_gemv(gate_up, weight, **kwargs)
+
+
 # --- silu_mul -------------------------------------------------------------------------------------
 def test_silu_mul_strided_rows(dtype, device) -> None:
     dt = getattr(torch, dtype)
@@ -407,6 +448,8 @@ def test_default_configs_valid_for_llama_shapes() -> None:
                 for N in (2048, 3072, 16384, 128256):
                     shape = {"M": min(T, 4), "N": N, "K": H, "residual": True}
                     assert ng.FAMILY.reject(shape, dtype, ng.FAMILY.default_config(shape, dtype)) is None
+                    shape = {"M": min(T, 4), "N": N, "K": H}
+                    assert sg.FAMILY.reject(shape, dtype, sg.FAMILY.default_config(shape, dtype)) is None
             for Hq, Hkv, D in ((32, 8, 64), (32, 8, 128), (64, 8, 128), (9, 3, 80), (1, 1, 256)):
                 shape = {"tokens": T, "heads_q": Hq, "heads_kv": Hkv, "head_dim": D}
                 assert rp.FAMILY.reject(shape, dtype, rp.FAMILY.default_config(shape, dtype)) is None
@@ -431,12 +474,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
 def test_variants_compile_for_hopper(tmp_path) -> None:
     """Triton's NVIDIA backend accepts every family's default and a random config (no GPU needed)."""
-    cases = [[name, shape, "bfloat16"] for name in ("rmsnorm", "norm_gemv", "rope", "silu_mul", "kv_store")
+    cases = [[name, shape, "bfloat16"] for name in ("rmsnorm", "norm_gemv", "rope", "silu_mul", "silu_gemv", "kv_store")
              for shape in kernels.get_family(name).tiny_shapes()]
     cases += [["rmsnorm", {"tokens": 3, "hidden": 2048, "residual": True}, "bfloat16"],
               ["rope", {"tokens": 3, "heads_q": 32, "heads_kv": 8, "head_dim": 64}, "float16"],
               ["silu_mul", {"tokens": 3, "intermediate": 8192}, "float32"],
               ["norm_gemv", {"M": 4, "N": 16384, "K": 2048, "residual": True}, "bfloat16"],
+              ["silu_gemv", {"M": 1, "N": 2048, "K": 8192}, "bfloat16"],
               ["kv_store", {"tokens": 3, "heads_kv": 8, "head_dim": 64, "block_size": 16, "num_blocks": 4}, "bfloat16"]]
     env = {**os.environ, "TRITON_INTERPRET": "0", "WORKBENCH_KERNEL_CACHE": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], capture_output=True,

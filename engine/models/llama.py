@@ -10,7 +10,8 @@ Weights are kept fused as loaded (engine/loader.py): per layer one QKV projectio
                 q, k, v = split(qkv); rope(q, k, positions)
                 kv_store(k, v -> cache by slot_mapping)
                 h = linear(paged_attention(q, cache), Wo)
-                gu, r = norm_linear(h, r, Wgate_up); h = linear(silu_mul(gu), Wdown)
+                gu, r = norm_linear(h, r, Wgate_up); h = silu_linear(gu, Wdown)
+                                                  (silu_mul then the linear layer; one kernel for decode rows)
     final:      x, _ = rmsnorm(h, r); logits = linear(x[rows], Wlm_head)
 """
 from __future__ import annotations
@@ -115,7 +116,7 @@ class LlamaModel:
             )
             h = ops.linear(attn.reshape(T, cfg.q_size), layer.o)
             gate_up, residual = ops.norm_linear(h, layer.post_norm, cfg.rms_norm_eps, residual, layer.gate_up)
-            h = ops.linear(ops.silu_mul(gate_up), layer.down)
+            h = ops.silu_linear(gate_up, layer.down)
         out, _ = ops.rmsnorm(h, w.norm, cfg.rms_norm_eps, residual)
         return out
 

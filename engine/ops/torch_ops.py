@@ -35,8 +35,9 @@ class TorchOps:
         normed = r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + eps)
         return weight * normed.to(r.dtype), r
 
-    def fuses_norm_linear(self, rows: int) -> bool:
-        """Whether :meth:`norm_linear` runs as one kernel for ``rows`` rows (never here)."""
+    def fuses_into_gemv(self, rows: int) -> bool:
+        """Whether :meth:`norm_linear` and :meth:`silu_linear` run as one kernel each for ``rows``
+        rows (never here)."""
         return False
 
     def norm_linear(
@@ -47,6 +48,12 @@ class TorchOps:
         Here the two operators in turn; a backend may run them as one kernel."""
         normed, residual = self.rmsnorm(x, norm_w, eps, residual)
         return self.linear(normed, weight), residual
+
+    def silu_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A Llama MLP's activation and down projection: linear(silu_mul(gate_up), weight).
+        gate_up [T, 2I], weight [H, I] -> [T, H]. Here the two operators in turn; a backend may
+        run them as one kernel."""
+        return self.linear(self.silu_mul(gate_up), weight)
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T] (int).

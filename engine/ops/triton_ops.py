@@ -8,6 +8,8 @@ family, launched with the config the autotuner's cache holds for the shape it ru
     norm_linear       norm_gemv         up to 4 rows (decode): rmsnorm and the linear after it as one
                                         kernel, the new residual in a fresh buffer; more rows: the
                                         rmsnorm and gemm families in turn
+    silu_linear       silu_gemv         up to 4 rows: silu_mul and the down projection as one kernel;
+                                        more rows: the silu_mul and gemm families in turn
     rope              rope              q and k rotated in place (views of the fused QKV output)
     silu_mul          silu_mul          silu(gate) * up of the fused gate/up output
     kv_store          kv_store          new K and V into the paged cache; negative slots (padding) skipped
@@ -44,7 +46,7 @@ from engine.ops.torch_ops import TorchOps
 from kernels.family import Config, dtype_name
 from kernels.gemm import GEMV_MAX_M
 
-FAMILIES = ("gemm", "rmsnorm", "norm_gemv", "rope", "silu_mul", "kv_store", "attention_paged")
+FAMILIES = ("gemm", "rmsnorm", "norm_gemv", "rope", "silu_mul", "silu_gemv", "kv_store", "attention_paged")
 
 # (family, dtype, JSON of the bucketed shape) -> what the dry run resolved for it.
 ResolvedKey = tuple[str, str, str]
@@ -132,8 +134,9 @@ class TritonOps(TorchOps):
         self._fn["rmsnorm"](x, weight, eps, residual=residual, out=x, residual_out=residual)
         return x, residual
 
-    def fuses_norm_linear(self, rows: int) -> bool:
-        """Up to GEMV_MAX_M rows (decode batches), :meth:`norm_linear` is one norm_gemv kernel."""
+    def fuses_into_gemv(self, rows: int) -> bool:
+        """Up to GEMV_MAX_M rows (decode batches), :meth:`norm_linear` and :meth:`silu_linear` are
+        one kernel each (norm_gemv, silu_gemv)."""
         return rows <= GEMV_MAX_M
 
     def norm_linear(
@@ -141,7 +144,7 @@ class TritonOps(TorchOps):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(linear(rmsnorm(x, residual)) [T, N], new residual [T, H]). Up to GEMV_MAX_M rows one
         norm_gemv kernel, which saves the norm's launch in a decode step; more rows the two families."""
-        if not self.fuses_norm_linear(x.shape[0]):
+        if not self.fuses_into_gemv(x.shape[0]):
             return super().norm_linear(x, norm_w, eps, residual, weight)
         out = x.new_empty(x.shape[0], weight.shape[0])
         if residual is None:
@@ -150,6 +153,15 @@ class TritonOps(TorchOps):
         new_residual = torch.empty_like(x)  # not in place: the kernel's programs all read residual
         self._fn["norm_gemv"](x, norm_w, eps, weight, residual=residual, out=out, residual_out=new_residual)
         return out, new_residual
+
+    def silu_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """linear(silu_mul(gate_up), weight) [T, H]: up to GEMV_MAX_M rows one silu_gemv kernel
+        (the activation's launch saved), more rows the two families."""
+        if not self.fuses_into_gemv(gate_up.shape[0]):
+            return super().silu_linear(gate_up, weight)
+        out = gate_up.new_empty(gate_up.shape[0], weight.shape[0])
+        self._fn["silu_gemv"](gate_up, weight, out=out)
+        return out
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T]."""

@@ -1,0 +1,85 @@
+"""What the GEMV families with a fused prologue share (``norm_gemv``, ``silu_gemv``).
+
+Each computes C [M, N] = f(inputs) @ W^T for M <= 4 rows (decode batches), W [N, K] a linear
+layer's weight, with the GEMV of the gemm family's ``gemv`` variant: a program owns BLOCK_N columns
+of C for every row, multiplies W's [BLOCK_N, BLOCK_K] tiles with the rows elementwise in float32
+and sums over K once at the end. The prologue ``f`` (a norm, an activation) is computed on the fly
+from the inputs as each K step loads them, so its output never goes to memory and its own kernel
+launch disappears. Shapes carry at least ``{"M", "N", "K"}``; the tunables are the tile, the warps
+and the pipeline depth.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kernels.family import Config, Family, Shape, next_pow2, positive_dims, tolerance, torch_dtype
+from kernels.gemm import GEMV_MAX_M
+
+
+def gemv_dims(family: str, shape: Shape) -> tuple[int, int, int]:
+    """(M, N, K) of a shape, with M at most GEMV_MAX_M (``ValueError`` naming the family otherwise)."""
+    M, N, K = positive_dims(family, shape, ("M", "N", "K"))
+    if M > GEMV_MAX_M:
+        raise ValueError(f"{family}: M={M} rows; the kernel holds every row, at most {GEMV_MAX_M}")
+    return M, N, K
+
+
+def check_rows(fn: str, rows: int) -> None:
+    """``ValueError`` when a call brings more rows than the kernel holds."""
+    if rows > GEMV_MAX_M:
+        raise ValueError(f"{fn}: {rows} rows; the kernel takes at most {GEMV_MAX_M} (run the unfused operators)")
+
+
+class GemvPrologueFamily(Family):
+    """Space, constraints, default config and tolerance of a GEMV with a fused prologue."""
+
+    def space(self, shape: Shape, dtype: str) -> dict[str, list]:
+        _, N, K = gemv_dims(self.name, shape)
+        torch_dtype(dtype)
+        return {
+            "BLOCK_N": [b for b in (4, 8, 16, 32) if b <= max(4, next_pow2(N))],
+            "BLOCK_K": [b for b in (64, 128, 256, 512) if b <= max(64, next_pow2(K))],
+            "num_warps": [2, 4, 8],
+            "num_stages": [2, 3, 4, 5],
+        }
+
+    def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
+        M, _, _ = gemv_dims(self.name, shape)
+        # The accumulator [rows, BLOCK_N, BLOCK_K] float32 in registers, as the gemm family's gemv.
+        per_thread = next_pow2(M) * config["BLOCK_N"] * config["BLOCK_K"] // (32 * config["num_warps"])
+        if not 4 <= per_thread <= 64:
+            return (f"a {next_pow2(M)}x{config['BLOCK_N']}x{config['BLOCK_K']} float32 accumulator is "
+                    f"{per_thread} registers per thread with {config['num_warps']} warps")
+        return None
+
+    def default_config(self, shape: Shape, dtype: str) -> Config:
+        """8 columns a program and K steps of 512 -- the tile the gemm family's gemv variant won
+        with at every llama-3.2-1b decode GEMM it took (results/cache/nvidia_h200.json) -- with the
+        warps that keep the accumulator at 16 registers a thread, shrunk until valid."""
+        M, _, _ = gemv_dims(self.name, shape)
+        space = self.space(shape, dtype)
+        cfg: Config = {"BLOCK_N": min(8, max(space["BLOCK_N"])), "BLOCK_K": min(512, max(space["BLOCK_K"])),
+                       "num_stages": 3}
+        cfg["num_warps"] = min(8, max(2, next_pow2(M) * cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * 16)))
+        while self.reject(shape, dtype, cfg) is not None and cfg["BLOCK_K"] > min(space["BLOCK_K"]):
+            cfg["BLOCK_K"] //= 2
+        return cfg if self.reject(shape, dtype, cfg) is None else self.configs(shape, dtype)[0]
+
+    def tile_facts(self, shape: Shape, config: Config) -> dict[str, Any]:
+        """The template facts every such family has: padded rows, tile, K and N evenness, launch."""
+        M, N, K = gemv_dims(self.name, shape)
+        return {
+            "ROWS": next_pow2(M),
+            "BLOCK_N": config["BLOCK_N"],
+            "BLOCK_K": config["BLOCK_K"],
+            "EVEN_K": K % config["BLOCK_K"] == 0,
+            "EVEN_N": N % config["BLOCK_N"] == 0,
+            "NUM_WARPS": config["num_warps"],
+            "NUM_STAGES": config["num_stages"],
+        }
+
+    def tolerance(self, dtype: str, device: torch.device | str) -> float:
+        # No matrix units: float32 products stay float32 on a GPU too (no TF32 allowance).
+        return 1e-5 if dtype == "float32" else tolerance(dtype, device)
