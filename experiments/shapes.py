@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from kernels.gemm import GEMV_MAX_M
+
 Shape = dict[str, Any]
 
 
@@ -50,6 +52,10 @@ def model_shapes(
     - rmsnorm over hidden, silu_mul over the intermediate size, rope on q and k, and kv_store
       writing K and V into one layer's cache (the largest decode batch at the longest context), at
       M = tokens of the step.
+    Steps of at most GEMV_MAX_M tokens run as the engine's Triton backend runs them: the norms
+    inside the QKV and gate/up GEMVs (norm_gemv; the first layer's QKV without a residual) and the
+    activation inside the down projection's (silu_gemv), so those GEMMs and silu_mul are not
+    launched there, and rmsnorm only as the final norm.
     """
     H, I, V = model["hidden_size"], model["intermediate_size"], model["vocab_size"]
     Hq, Hkv = model["num_attention_heads"], model["num_key_value_heads"]
@@ -57,15 +63,23 @@ def model_shapes(
     heads = {"heads_q": Hq, "heads_kv": Hkv, "head_dim": D}
     prompts = [(max(1, t // L), L) for t in prefill_tokens for L in prompt_lens]
     tokens = sorted(set(decode_batch_sizes) | set(prefill_tokens))
+    fused = [t for t in tokens if t <= GEMV_MAX_M]
+    unfused = [t for t in tokens if t > GEMV_MAX_M]
     seqs = sorted(set(decode_batch_sizes) | {b for b, _ in prompts})
     proj = [((Hq + 2 * Hkv) * D, H), (H, Hq * D), (2 * I, H), (H, I)]
     # One layer's paged cache: the largest decode batch at the longest context (one block more each).
     cache_blocks = max(decode_batch_sizes) * (max(context_lens) // block_size + 1)
     return {
         "gemm": _unique(
-            [{"M": m, "N": n, "K": k, "b_transposed": True} for m in tokens for n, k in proj]
+            [{"M": m, "N": n, "K": k, "b_transposed": True} for m in tokens for n, k in proj
+             if m > GEMV_MAX_M or (n, k) == (H, Hq * D)]  # the output projection has no prologue
             + [{"M": m, "N": V, "K": H, "b_transposed": True} for m in seqs]
         ),
+        "norm_gemv": _unique(
+            [{"M": m, "N": (Hq + 2 * Hkv) * D, "K": H, "residual": r} for m in fused for r in (False, True)]
+            + [{"M": m, "N": 2 * I, "K": H, "residual": True} for m in fused]
+        ),
+        "silu_gemv": [{"M": m, "N": H, "K": I} for m in fused],
         "attention_prefill": _unique([{"batch": b, "seqlen": L, **heads, "causal": True} for b, L in prompts]),
         "attention_paged": _unique(
             [
@@ -76,7 +90,7 @@ def model_shapes(
             + [{"batch": b, "query_len": L, "context_len": L, **heads, "block_size": block_size} for b, L in prompts]
         ),
         "rmsnorm": _unique([{"tokens": t, "hidden": H, "residual": True} for t in tokens]),
-        "silu_mul": _unique([{"tokens": t, "intermediate": I} for t in tokens]),
+        "silu_mul": _unique([{"tokens": t, "intermediate": I} for t in unfused]),
         "rope": _unique([{"tokens": t, **heads} for t in tokens]),
         "kv_store": _unique(
             [
