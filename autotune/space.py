@@ -24,6 +24,8 @@ from typing import Any, Iterable
 import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
+from kernels.family import is_pow2
+
 Config = dict[str, Any]
 
 
@@ -111,7 +113,7 @@ def _param(key: str, values: list) -> Param:
         ordered = sorted(values)
         if _arithmetic(ordered):
             return Param(key, key, tuple(ordered), "int")
-        if all(v > 0 and v & (v - 1) == 0 for v in ordered) and _arithmetic([v.bit_length() for v in ordered]):
+        if all(is_pow2(v) for v in ordered) and _arithmetic([v.bit_length() for v in ordered]):
             return Param(key, f"log2_{key}", tuple(ordered), "log2")
         if ordered[0] > 0 and len(set(ordered)) == len(ordered):
             return Param(key, f"rank_{key}", tuple(ordered), "rank")

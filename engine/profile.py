@@ -34,6 +34,7 @@ import torch
 
 import kernels
 from autotune import timing
+from engine.ops.torch_ops import TorchOps
 from kernels.family import dtype_name
 
 if TYPE_CHECKING:
@@ -105,11 +106,10 @@ class _Recorder:
         return self._do("rmsnorm", "rmsnorm", shape, "rmsnorm", x, weight, eps, residual)
 
     def norm_linear(self, x, norm_w, eps, residual, weight):
-        # Unfused, the norm and the projection are two calls, recorded as such; fused, the one
-        # kernel is booked under the projection's operator (family norm_gemv).
+        # Unfused, TorchOps' composition records the norm and the projection as two calls; fused,
+        # the one kernel is booked under the projection's operator (family norm_gemv).
         if not self.ops.fuses_into_gemv(x.shape[0]):
-            normed, residual = self.rmsnorm(x, norm_w, eps, residual)
-            return self.linear(normed, weight), residual
+            return TorchOps.norm_linear(self, x, norm_w, eps, residual, weight)
         shape = {"M": x.shape[0], "N": weight.shape[0], "K": x.shape[1], "residual": residual is not None}
         return self._do(self.weight_names[weight.data_ptr()], "norm_gemv", shape, "norm_linear", x, norm_w, eps,
                         residual, weight)
@@ -117,7 +117,7 @@ class _Recorder:
     def silu_linear(self, gate_up, weight):
         # As norm_linear: fused, the one kernel is booked under the down projection (family silu_gemv).
         if not self.ops.fuses_into_gemv(gate_up.shape[0]):
-            return self.linear(self.silu_mul(gate_up), weight)
+            return TorchOps.silu_linear(self, gate_up, weight)
         shape = {"M": gate_up.shape[0], "N": weight.shape[0], "K": weight.shape[1]}
         return self._do(self.weight_names[weight.data_ptr()], "silu_gemv", shape, "silu_linear", gate_up, weight)
 
@@ -164,13 +164,13 @@ def _rates(ms: float, flops: float, nbytes: float, ceilings: tuple[float, float]
     return out
 
 
-@torch.inference_mode()
 def _graph_served(llm: LLM, step: Step) -> bool:
     """Whether the engine serves ``step`` from its padded decode graphs (captured ones on CUDA)."""
     graphs = llm.runner.graphs
     return step.phase == "decode" and graphs is not None and step.seqs <= graphs.max_batch
 
 
+@torch.inference_mode()
 def profile_step(llm: LLM, step: Step, *, timers: tuple[Timer, Timer] | None = None,
                  ceilings: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """Rows of one step: one per operator (its calls summed over the layers), then the step's totals

@@ -36,7 +36,8 @@ copy bandwidth, tuned Triton against PyTorch on every workload) and the per-kern
 prefill step and of decode steps of the ``triton`` backend (kernel_breakdown.csv and .png,
 :mod:`engine.profile`; kernel_breakdown_triton-default.* for the default-config backend; with CUDA
 graphs also *_graph_timeline.csv, the decode graphs' kernels as their replays run them), all logged
-to W&B too. ``tune.n_trials`` > 0 first tunes the triton backend's shape set (the engine's warm-up, ``autotune.tune`` per shape) into the config cache.
+to W&B too. ``tune.n_trials`` > 0 first tunes the triton backend's shape set (the engine's warm-up,
+``autotune.tune`` per shape) into the config cache.
 """
 from __future__ import annotations
 

@@ -103,6 +103,11 @@ def config_steps(config: Config, center: Config) -> list[float]:
     ]
 
 
+def is_pow2(n: int) -> bool:
+    """Whether n is a positive power of two."""
+    return n > 0 and n & (n - 1) == 0
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())

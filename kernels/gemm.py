@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from kernels.device import device_facts, interpreting
-from kernels.family import Config, Family, Shape, dtype_name, next_pow2, positive_dims, torch_dtype
+from kernels.family import Config, Family, Shape, dtype_name, is_pow2, next_pow2, positive_dims, torch_dtype
 
 VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent", "tma_persistent_subtile", "tma_stream_k",
             "tma_splitk", "gemv")
@@ -56,19 +56,26 @@ def _tma_misaligned(N: int, K: int, dtype: str) -> bool:
     return bool((K * _elt(dtype)) % 16 or (N * _elt(dtype)) % 16)
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def n_parts(block_n: int) -> list[int]:
     """The column parts of a tile ``block_n`` wide: itself if a power of two, else the largest power
     of two below it and the rest (96 -> [64, 32]); ``ValueError`` if the rest is not a power of two."""
-    if _pow2(block_n):
+    if is_pow2(block_n):
         return [block_n]
     first = 1 << (block_n.bit_length() - 1)
-    if not _pow2(block_n - first):
+    if not is_pow2(block_n - first):
         raise ValueError(f"BLOCK_N={block_n} is neither a power of two nor the sum of two")
     return [first, block_n - first]
+
+
+def gemv_accumulator_reject(rows: int, block_n: int, block_k: int, warps: int) -> str | None:
+    """Why a GEMV's float32 accumulator [next_pow2(rows), block_n, block_k] does not suit ``warps``
+    warps (it must be 4 to 64 registers a thread), or None. The gemm family's ``gemv`` variant and
+    the GEMVs with a fused prologue (kernels/gemv_prologue.py) hold the same accumulator."""
+    per_thread = next_pow2(rows) * block_n * block_k // (32 * warps)
+    if not 4 <= per_thread <= 64:
+        return (f"a {next_pow2(rows)}x{block_n}x{block_k} float32 accumulator is {per_thread} registers "
+                f"per thread with {warps} warps")
+    return None
 
 
 def _wave_fill(programs: int, sms: int) -> float:
@@ -121,7 +128,7 @@ class GemmFamily(Family):
             "variant": [v for v in VARIANTS if (tma_ok or not v.startswith("tma")) and (gemv or v != "gemv")],
             "BLOCK_M": block_m,
             "BLOCK_N": [b for b in (8, 16, 32, 64, 96, 128, 192, 256)
-                        if (gemv or b >= 32) and (tma_ok or _pow2(b)) and b <= max(32, next_pow2(N))],
+                        if (gemv or b >= 32) and (tma_ok or is_pow2(b)) and b <= max(32, next_pow2(N))],
             "BLOCK_K": [b for b in (32, 64, 128, 256, 512) if (gemv or b <= 256) and b <= max(32, next_pow2(K))],
             "GROUP_M": [1, 8],
             "SPLIT_K": [1, 2, 4, 8, 16],
@@ -134,7 +141,7 @@ class GemmFamily(Family):
         v, bm, bn, bk = config["variant"], config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
         split, warps, stages = config["SPLIT_K"], config["num_warps"], config["num_stages"]
         elt = _elt(dtype)
-        if not _pow2(bn) and (v not in _PARTS_N or len(n_parts(bn)) != 2):
+        if not is_pow2(bn) and (v not in _PARTS_N or len(n_parts(bn)) != 2):
             return f"BLOCK_N={bn} is not a power of two: only {', '.join(_PARTS_N)} takes such a tile, in two column parts"
         if (v in _SPLIT) != (split > 1):
             return "SPLIT_K > 1 goes with the split-K variants and only with them"
@@ -145,10 +152,7 @@ class GemmFamily(Family):
         if v == "gemv":
             if M > GEMV_MAX_M:
                 return f"gemv holds every row of A: M <= {GEMV_MAX_M}"
-            per_thread = next_pow2(M) * bn * bk // (32 * warps)
-            if not 4 <= per_thread <= 64:
-                return f"gemv's {next_pow2(M)}x{bn}x{bk} float32 accumulator is {per_thread} registers per thread with {warps} warps"
-            return None
+            return gemv_accumulator_reject(M, bn, bk, warps)
         if bn < 32 or bk > 256:
             return "BLOCK_N below 32 and BLOCK_K above 256 are gemv tiles"
         acc_per_thread = bm * bn // (32 * warps)
@@ -165,13 +169,13 @@ class GemmFamily(Family):
             # of 64 rows or more.)
             epilogue = bm * bn * (4 if v in _SPLIT else elt) // (2 if v in _HALF_STORE else 1)
             barriers = 8 * stages
-            if not _pow2(bn):
+            if not is_pow2(bn):
                 # Two column parts: both staging buffers are live, and the loads take a second
                 # array of barriers after the first (padded to 16 bytes).
                 epilogue = bm * bn * elt
                 barriers += 8 * stages + 8 * (stages % 2)
             smem = (max(smem, epilogue) if v in _ONE_TILE else smem + epilogue) + barriers
-            if v == "tma_persistent_subtile" and bm == 64 and warps == 8 and _pow2(bn):
+            if v == "tma_persistent_subtile" and bm == 64 and warps == 8 and is_pow2(bn):
                 # Two warp groups on 64 rows split N between them, so halving the tile shuffles the
                 # accumulator through shared memory, live while the next tile's loads are in flight
                 # (Triton 3.6's sm_90 compile: bm * bn * 2 bytes, 8 KiB at least, more).

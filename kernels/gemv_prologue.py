@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kernels.family import Config, Family, Shape, next_pow2, positive_dims, tolerance, torch_dtype
-from kernels.gemm import GEMV_MAX_M
+from kernels.gemm import GEMV_MAX_M, gemv_accumulator_reject
 
 
 def gemv_dims(family: str, shape: Shape) -> tuple[int, int, int]:
@@ -33,7 +33,12 @@ def check_rows(fn: str, rows: int) -> None:
 
 
 class GemvPrologueFamily(Family):
-    """Space, constraints, default config and tolerance of a GEMV with a fused prologue."""
+    """Space, constraints, default config and tolerance of a GEMV with a fused prologue. The
+    families share one template, ``kernels/templates/gemv_prologue.py.j2``, which ``prologue``
+    (the fact PROLOGUE: "rmsnorm" or "silu_mul") specialises."""
+
+    template_file = "gemv_prologue.py.j2"
+    prologue: str
 
     def space(self, shape: Shape, dtype: str) -> dict[str, list]:
         _, N, K = gemv_dims(self.name, shape)
@@ -47,12 +52,7 @@ class GemvPrologueFamily(Family):
 
     def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
         M, _, _ = gemv_dims(self.name, shape)
-        # The accumulator [rows, BLOCK_N, BLOCK_K] float32 in registers, as the gemm family's gemv.
-        per_thread = next_pow2(M) * config["BLOCK_N"] * config["BLOCK_K"] // (32 * config["num_warps"])
-        if not 4 <= per_thread <= 64:
-            return (f"a {next_pow2(M)}x{config['BLOCK_N']}x{config['BLOCK_K']} float32 accumulator is "
-                    f"{per_thread} registers per thread with {config['num_warps']} warps")
-        return None
+        return gemv_accumulator_reject(M, config["BLOCK_N"], config["BLOCK_K"], config["num_warps"])
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
         """8 columns a program and K steps of 512 -- the tile the gemm family's gemv variant won
@@ -68,9 +68,11 @@ class GemvPrologueFamily(Family):
         return cfg if self.reject(shape, dtype, cfg) is None else self.configs(shape, dtype)[0]
 
     def tile_facts(self, shape: Shape, config: Config) -> dict[str, Any]:
-        """The template facts every such family has: padded rows, tile, K and N evenness, launch."""
+        """The template facts every such family has: the prologue, padded rows, tile, K and N
+        evenness, launch."""
         M, N, K = gemv_dims(self.name, shape)
         return {
+            "PROLOGUE": self.prologue,
             "ROWS": next_pow2(M),
             "BLOCK_N": config["BLOCK_N"],
             "BLOCK_K": config["BLOCK_K"],

@@ -6,7 +6,7 @@
 for M <= 4 rows (batch-1 to batch-4 decode), in one kernel instead of an rmsnorm kernel and a
 GEMV. The norm scales each row by one number, so the kernel accumulates the row's sum of squares
 in the same pass over K as the products and applies it at the end (see the template,
-``kernels/templates/norm_gemv.py.j2``). At decode sizes both kernels are bound by latency more
+``kernels/templates/gemv_prologue.py.j2``). At decode sizes both kernels are bound by latency more
 than by bytes (the rmsnorm of one 2048-wide row moves 12 KB), so one launch fewer per norm is the
 saving; the GEMV's own traffic (W) is unchanged.
 
@@ -18,10 +18,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from kernels import checks
 from kernels.family import Config, Shape, dtype_name, torch_dtype
 from kernels.gemv_prologue import GemvPrologueFamily, check_rows, gemv_dims
+from kernels.rmsnorm import rmsnorm_torch
 
 EPS = 1e-5  # make_inputs' epsilon (Llama 3 uses 1e-5)
 
@@ -32,7 +34,7 @@ def _dims(shape: Shape) -> tuple[int, int, int, bool]:
 
 class NormGemvFamily(GemvPrologueFamily):
     name = "norm_gemv"
-    template_file = "norm_gemv.py.j2"
+    prologue = "rmsnorm"
     template_version = 1
 
     def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
@@ -87,12 +89,11 @@ class NormGemvFamily(GemvPrologueFamily):
         return out if inputs.get("residual") is None else torch.cat([out, h], dim=1)
 
     def baseline(self, inputs: dict) -> torch.Tensor:
-        """The unfused PyTorch pair: RMSNorm (statistics in float32, as transformers), then F.linear."""
-        h = inputs["x"] if inputs.get("residual") is None else inputs["x"] + inputs["residual"]
-        h32 = h.float()
-        y = inputs["norm_w"] * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + inputs["eps"])).to(h.dtype)
-        out = torch.nn.functional.linear(y, inputs["weight"])
-        return out if inputs.get("residual") is None else torch.cat([out, h], dim=1)
+        """The unfused PyTorch pair: the rmsnorm family's PyTorch RMSNorm, then F.linear."""
+        if inputs.get("residual") is None:
+            return F.linear(rmsnorm_torch(inputs["x"], inputs["norm_w"], inputs["eps"]), inputs["weight"])
+        y, h = rmsnorm_torch(inputs["x"], inputs["norm_w"], inputs["eps"], residual=inputs["residual"])
+        return torch.cat([F.linear(y, inputs["weight"]), h], dim=1)
 
     def call(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, *,
              config: Config | None = None, **kwargs: Any) -> torch.Tensor:

@@ -4,7 +4,7 @@
 
 for M <= 4 rows (batch-1 to batch-4 decode), in one kernel instead of a silu_mul kernel and a
 GEMV: each K step loads the gate and up columns it needs and forms the activation in registers
-(see ``kernels/templates/silu_gemv.py.j2``). At decode sizes the activation kernel is bound by its
+(see ``kernels/templates/gemv_prologue.py.j2``). At decode sizes the activation kernel is bound by its
 launch, not its bytes, so the saving is a launch per layer; the GEMV's own traffic (W) is unchanged.
 
 Shape dicts are ``{"M", "N", "K"}`` (K the intermediate size). Space, constraints and default:
@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from kernels import checks
 from kernels.family import Config, Shape, dtype_name, torch_dtype
 from kernels.gemv_prologue import GemvPrologueFamily, check_rows, gemv_dims
+from kernels.silu_mul import silu_mul_torch
 
 
 class SiluGemvFamily(GemvPrologueFamily):
     name = "silu_gemv"
-    template_file = "silu_gemv.py.j2"
+    prologue = "silu_mul"
     template_version = 1
 
     def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
@@ -54,8 +55,7 @@ class SiluGemvFamily(GemvPrologueFamily):
 
     def baseline(self, inputs: dict) -> torch.Tensor:
         """The unfused PyTorch pair, as Hugging Face's LlamaMLP: silu(gate) * up, then F.linear."""
-        gate, up = inputs["gate_up"].chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, inputs["weight"])
+        return F.linear(silu_mul_torch(inputs["gate_up"]), inputs["weight"])
 
     def call(self, gate_up: torch.Tensor, weight: torch.Tensor, *, config: Config | None = None, **kwargs: Any):
         return silu_gemv(gate_up, weight, config=config, **kwargs)
