@@ -19,6 +19,9 @@ Block-table rows are kept on the host and rewritten only where they changed: a r
 sequence's block list object and its length (the block manager only appends to a list, and a
 preemption gives the sequence a new one), so a step writes the blocks a sequence gained.
 
+A multi-step decode window (:meth:`run_window`) replays the bucket's graph once a step, advancing
+the static buffers on the device in between.
+
 Without capture (on a CPU, or to test the padding) the same padded step runs eagerly.
 """
 from __future__ import annotations
@@ -29,6 +32,11 @@ import torch
 
 from engine.models.llama import AttentionMetadata, LlamaModel
 from engine.sequence import Sequence
+
+
+def slot_of(seq: Sequence, position: int, block_size: int) -> int:
+    """The flat cache slot of ``seq``'s token at ``position``: block * block_size + offset."""
+    return seq.block_table[position // block_size] * block_size + position % block_size
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -129,7 +137,7 @@ class DecodeGraphs:
             blocks = seq.block_table
             ids[i] = seq.token_ids[p]
             positions[i] = p
-            slots[i] = blocks[p // bs] * bs + p % bs
+            slots[i] = slot_of(seq, p, bs)
             ctx[i] = p + 1
             row = self._rows[i]
             start = row[1] if row is not None and row[0] is blocks else 0
@@ -156,6 +164,30 @@ class DecodeGraphs:
         size = self.bucket(len(seqs))
         self._fill(seqs, size)
         return self._launch(size)[: len(seqs)]
+
+    def run_window(self, seqs: list[Sequence], steps: int) -> torch.Tensor:
+        """Greedy tokens [steps, len(seqs)] (int64, on the device) of ``steps`` decode steps of
+        ``seqs`` run back to back, their blocks already grown for all of them (multi-step decode).
+
+        Step 0 is :meth:`run`'s step. Before step j > 0, the static buffers advance on the device:
+        input ids take step j - 1's argmax, positions and context lengths grow by one, and slots
+        take row j - 1 of the window's later slots, computed on the host from the block tables and
+        sent once. Nothing waits for the host between steps, so the GPU runs the window without the
+        idle gaps of host scheduling; the caller reads the tokens once, at the end."""
+        b, size, bs = len(seqs), self.bucket(len(seqs)), self.block_size
+        self._fill(seqs, size)
+        dev = self.ids.device
+        later = torch.tensor([[slot_of(s, s.num_computed_tokens + j, bs) for s in seqs] for j in range(1, steps)],
+                             dtype=torch.int64).to(dev)  # [steps - 1, b]
+        tokens = torch.empty(steps, b, dtype=torch.int64, device=dev)
+        for j in range(steps):
+            if j:
+                self.ids[:b] = tokens[j - 1]
+                self.positions[:b] += 1
+                self.context_lens[:b] += 1
+                self.slots[:b] = later[j - 1]
+            torch.argmax(self._launch(size)[:b], dim=-1, out=tokens[j])
+        return tokens
 
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> Callable[[], torch.Tensor]:
         """Copy a decode step's device inputs (B sequences, one token each; block tables no wider

@@ -71,6 +71,14 @@ class LLM:
     engine runs -- tuning them first with ``tune_trials`` trials per shape when that is above 0 --
     and, on CUDA with kernels="triton", captures the decode step as CUDA graphs at batch-size
     buckets; ``enforce_eager=True`` keeps every step eager.
+
+    ``num_decode_steps`` > 1 turns on multi-step decode where the padded decode path serves the
+    steps (the CUDA graphs): while nothing waits and every running sequence decodes greedily
+    without log-probabilities, one :meth:`step` runs up to that many decode steps back to back,
+    each feeding the previous one's tokens on the device, and reads the tokens once. The host
+    schedules, fills the inputs and waits for tokens once a window instead of once a step, while
+    the GPU runs the steps back to back; tokens reach the caller a window at a time (vLLM's
+    ``num_scheduler_steps``). The tokens are the same.
     """
 
     def __init__(
@@ -90,6 +98,7 @@ class LLM:
         kernel_configs: str = "tuned",
         config_cache: str | Path | None = None,
         tune_trials: int = 0,
+        num_decode_steps: int = 1,
     ) -> None:
         if kernels not in BACKENDS:
             raise ValueError(f"LLM: kernels must be one of {list(BACKENDS)}, got {kernels!r}")
@@ -98,6 +107,7 @@ class LLM:
         block_size = _positive_int("block_size", block_size)
         max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
         max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
+        self.num_decode_steps = _positive_int("num_decode_steps", num_decode_steps)
         if num_kv_blocks is not None:
             num_kv_blocks = _positive_int("num_kv_blocks", num_kv_blocks)
         if max_model_len is not None:
@@ -315,32 +325,52 @@ class LLM:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Sequence]:
-        """One engine step: schedule, run the model, sample, retire finished requests.
+        """One engine step: schedule, run the model, sample, retire finished requests. With
+        ``num_decode_steps`` > 1 it may be a window of several decode steps (``last_batch.num_steps``).
 
-        Returns the sequences that received a token this step (``seq.is_finished`` tells which are done).
+        Returns the sequences that received tokens this step: one each, or up to a window's steps
+        (``seq.is_finished`` tells which are done).
         """
-        batch = self.scheduler.schedule()
+        max_steps = self.num_decode_steps if self.runner.graphs is not None else 1
+        batch = self.scheduler.schedule(max_steps)
         self.last_batch = batch
         if not batch.seqs:
             return []  # everything was preempted this step; the next step re-admits
-        out = self.runner.run(batch)
-        for seq, lp, plps in zip(batch.seqs, out.logprobs, out.prompt_logprobs):
-            if lp is not None:
-                seq.logprobs.append(lp)
-            for pos, value in plps:
-                seq.prompt_logprobs[pos] = value
-        finished = self.scheduler.postprocess(batch, out.tokens)
-        advanced = [seq for seq, token in zip(batch.seqs, out.tokens) if token is not None]
-        for seq in advanced:
+        before = [seq.num_tokens for seq in batch.seqs]
+        if batch.num_steps > 1:
+            finished = self._postprocess_window(batch, self.runner.run_window(batch))
+        else:
+            out = self.runner.run(batch)
+            for seq, lp, plps in zip(batch.seqs, out.logprobs, out.prompt_logprobs):
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                for pos, value in plps:
+                    seq.prompt_logprobs[pos] = value
+            finished = self.scheduler.postprocess(batch, out.tokens)
+        advanced = [seq for seq, n in zip(batch.seqs, before) if seq.num_tokens > n]
+        for seq, n in zip(batch.seqs, before):
             detok = self._detoks[seq.seq_id]
             if detok is not None:
-                detok.add(seq.token_ids[-1])
+                for token in seq.token_ids[n:]:
+                    detok.add(token)
         for seq in finished:
             detok = self._detoks[seq.seq_id]
             if detok is not None:
                 detok.flush()
             self.runner.release(seq)
         return advanced
+
+    def _postprocess_window(self, batch: ScheduledBatch, tokens: list[list[int]]) -> list[Sequence]:
+        """Account for a window's tokens [num_steps][B] one step at a time, as single steps would:
+        a sequence that finishes at step j keeps none of the tokens after it."""
+        finished: list[Sequence] = []
+        for row in tokens:
+            live = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]
+            if not live:
+                break
+            step = ScheduledBatch([batch.seqs[i] for i in live], [1] * len(live))
+            finished += self.scheduler.postprocess(step, [row[i] for i in live])
+        return finished
 
     def output(self, seq: Sequence) -> RequestOutput:
         """The result of a finished request (and forget its detokeniser)."""

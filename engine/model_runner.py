@@ -11,7 +11,9 @@ row, and prompt rows whose log-probabilities were asked for) and samples.
 The KV cache is one tensor per K and V: [num_layers, num_blocks, block_size, Hkv, D].
 
 A step whose sequences all decode (one token each) replays a CUDA graph of its batch-size bucket
-instead (engine/cuda_graphs.py), when the graphs were captured (``capture_decode_graphs``).
+instead (engine/cuda_graphs.py), when the graphs were captured (``capture_decode_graphs``); a
+multi-step decode window (``run_window``) replays it once a step, chaining the greedy tokens on
+the device.
 """
 from __future__ import annotations
 
@@ -227,6 +229,16 @@ class ModelRunner:
             torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
             [self._generator(s) for s in seqs],
         )
+
+    @torch.inference_mode()
+    def run_window(self, batch: ScheduledBatch) -> list[list[int]]:
+        """Tokens [num_steps][B] of a multi-step decode window (``batch.num_steps`` > 1: every
+        sequence decodes greedily, its blocks grown for the window), served by the padded decode
+        path's :meth:`~engine.cuda_graphs.DecodeGraphs.run_window`: one host sync for the window."""
+        if not self._graphable(batch):
+            raise ValueError("ModelRunner.run_window: a decode window needs the padded decode path "
+                             "(capture_decode_graphs) and a batch of one-token decode steps within its buckets")
+        return self.graphs.run_window(batch.seqs, batch.num_steps).tolist()
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepOutput:

@@ -5,6 +5,9 @@ Each step packs, first come first served, within ``max_num_batched_tokens`` toke
 1. every running sequence: one token when decoding, or the next chunk of its prompt when its
    prefill did not fit in earlier steps (chunked prefill);
 2. then waiting sequences, oldest first, each with as much of its prompt as the budget leaves.
+A step whose sequences all decode greedily may run as a window of several decode steps back to
+back (multi-step decode, ``schedule(max_decode_steps)``): the model runner feeds each step's
+argmax to the next on the device, so the host waits for tokens once a window, not once a step.
 When the KV cache has no block for a running sequence's tokens, the newest running sequence is
 preempted: its blocks are freed, it goes back to the front of the waiting queue, and later its
 prompt and generated tokens are recomputed. The oldest sequence can always take every block
@@ -22,11 +25,14 @@ from engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     """One step's work: ``seqs[i]`` feeds its next ``num_new_tokens[i]`` tokens to the model and,
-    when ``sampling[i]``, gets a new token sampled from the last one's logits."""
+    when ``sampling[i]``, gets a new token sampled from the last one's logits. ``num_steps`` > 1:
+    a decode window, every sequence feeding one token a step for that many steps (its blocks grown
+    for all of them), each step's token the argmax of the previous step's logits."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
     sampling: list[bool] = field(init=False)
+    num_steps: int = 1
 
     def __post_init__(self) -> None:
         self.sampling = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens)]
@@ -87,8 +93,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1
 
-    def schedule(self) -> ScheduledBatch:
-        """Pick the next step's sequences and token counts; grows their block tables to fit."""
+    def schedule(self, max_decode_steps: int = 1) -> ScheduledBatch:
+        """Pick the next step's sequences and token counts; grows their block tables to fit. With
+        ``max_decode_steps`` > 1 a batch that only decodes may become a window of up to that many
+        steps (see :meth:`_decode_window`)."""
         bm = self.block_manager
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
@@ -124,12 +132,35 @@ class Scheduler:
             counts.append(n)
             budget -= n
         batch = ScheduledBatch(seqs, counts)
+        if max_decode_steps > 1 and not preempted:
+            batch.num_steps = self._decode_window(batch, max_decode_steps)
         st = self.stats
         st.steps += 1
         st.partial_prefills += batch.sampling.count(False)
         st.max_step_tokens = max(st.max_step_tokens, batch.num_tokens)
         st.max_step_seqs = max(st.max_step_seqs, len(seqs))
         return batch
+
+    def _decode_window(self, batch: ScheduledBatch, limit: int) -> int:
+        """How many decode steps ``batch`` runs back to back, its blocks grown for them: 1 unless
+        nothing waits (a window would delay its admission), every sequence decodes one token and
+        samples greedily without log-probabilities (its next input is an argmax on the device).
+        Else the largest k <= ``limit`` that no sequence's length limits cut short (max_tokens,
+        max_model_len) and whose blocks are free; a stop token inside a window ends its sequence
+        there, and the window's later tokens for it are dropped."""
+        seqs = batch.seqs
+        if (self.waiting or any(n != 1 for n in batch.num_new_tokens) or not all(batch.sampling)
+                or any(s.params.temperature != 0 or s.params.logprobs for s in seqs)):
+            return 1
+        # Step j feeds position num_tokens - 1 + j, which must stay below max_model_len.
+        k = min([limit] + [min(s.params.max_tokens - s.num_output_tokens, self.max_model_len - s.num_tokens + 1)
+                           for s in seqs])
+        bm = self.block_manager
+        while k > 1 and sum(bm.blocks_needed(s, k) for s in seqs) > bm.num_free_blocks:
+            k -= 1
+        for s in seqs:
+            bm.grow(s, k)
+        return max(k, 1)
 
     def finish_reason(self, seq: Sequence, token: int) -> str | None:
         """Why ``seq`` stops after appending ``token``: "stop", "length", or None to go on."""

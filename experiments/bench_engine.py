@@ -172,13 +172,17 @@ def serve(llm: LLM, requests: list[Request]) -> Trace:
             time.sleep(max(0.0, requests[order[nxt]].arrival_s - now))
             continue
         start = time.perf_counter()
+        before = {seq.seq_id: seq.num_tokens for seq in llm.scheduler.running}
         advanced = llm.step()  # returns after the sampled tokens reached the host
         end = time.perf_counter()
         batch = llm.last_batch
         if batch.seqs and all(n == 1 for n in batch.num_new_tokens):
-            decode_steps.append((len(batch.seqs), end - start))
+            # A multi-step window of k decode steps counts as k steps of its mean time.
+            decode_steps += [(len(batch.seqs), (end - start) / batch.num_steps)] * batch.num_steps
         for seq in advanced:
-            times[index[seq.seq_id]].append(end - t0)
+            # Every token a step delivers (a window delivers several at once) arrives at its end.
+            new = seq.num_tokens - before.get(seq.seq_id, seq.num_tokens - 1)
+            times[index[seq.seq_id]] += [end - t0] * new
             if seq.is_finished:
                 llm.output(seq)
     return Trace(time.perf_counter() - t0, [r.arrival_s for r in requests], times, decode_steps)

@@ -8,6 +8,7 @@ prefills, so those paths are part of what is compared.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -113,3 +114,51 @@ def test_agreement_experiment_smoke(tmp_path):
     assert len(df) == 4 and df.ok.all() and df.tokens_equal.all()
     assert {"device", "torch", "triton", "transformers", "date", "first_divergence", "max_abs_dlogprob"} <= set(df.columns)
     assert df.max_abs_dlogprob.max() < 1e-4  # float32 against float32
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_multi_step_decode_windows_give_the_same_tokens(kernels, tmp_path_factory):
+    """num_decode_steps=4 on the padded decode path (run eagerly on the CPU): windows of several
+    decode steps, each fed the previous step's argmax on the device, give transformers' greedy
+    tokens. The windows shrink to the tokens a request has left, a stop token inside a window ends
+    its request there, a batch of 3 is padded to 4 (slot -1 writes nothing in either backend), and
+    every block is free at the end."""
+    model_dir = checkpoint("llama3", tmp_path_factory)
+    prompts = _prompts(512, [3, 5, 9], seed=4)
+    lengths = [7, 10, 5]
+    ref = [_hf_greedy(model_dir, [p], n)[0] for p, n in zip(prompts, lengths)]
+    stop = ref[1][4]  # request 1 stops at its first occurrence of its fifth greedy token
+    want = [ref[0], ref[1][: ref[1].index(stop) + 1], ref[2]]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, stop_token_ids=(stop,) if i == 1 else ())
+              for i, n in enumerate(lengths)]
+    llm = LLM(model_dir, kernels=kernels, block_size=4, num_kv_blocks=16, max_num_seqs=4, max_num_batched_tokens=32,
+              num_decode_steps=4)
+    llm.runner.capture_decode_graphs([1, 2, 4], llm.max_model_len, capture=False)
+    windows = []
+    real = llm.runner.graphs.run_window
+
+    def recording(seqs, steps):
+        windows.append((len(seqs), steps))
+        return real(seqs, steps)
+
+    llm.runner.graphs.run_window = recording
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == want
+    assert [o.finish_reason for o in outs] == ["length", "stop", "length"]
+    assert (3, 4) in windows and any(steps < 4 for _, steps in windows), windows
+    assert llm.block_manager.num_free_blocks == llm.num_kv_blocks
+
+
+def test_serve_counts_every_token_of_a_window(tmp_path_factory):
+    """bench_engine's serving loop with multi-step decode: each token a window delivers is counted
+    once, and a window of k steps counts as k decode steps of its mean time."""
+    from experiments.bench_engine import Request, serve
+
+    llm = LLM(checkpoint("llama3", tmp_path_factory), kernels="torch", block_size=4, num_kv_blocks=32, max_num_seqs=4,
+              num_decode_steps=3)
+    llm.runner.capture_decode_graphs([1, 2, 4], llm.max_model_len, capture=False)
+    reqs = [Request(p, n) for p, n in zip(_prompts(512, [4, 6], seed=5), [8, 5])]
+    trace = serve(llm, reqs)
+    assert [len(t) for t in trace.token_times] == [8, 5]
+    assert all(np.all(np.diff(t) >= 0) for t in trace.token_times)
+    assert len(trace.decode_steps) == 8 - 1  # every token after the first comes from a decode step

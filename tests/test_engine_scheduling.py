@@ -157,3 +157,55 @@ def test_stop_conditions():
     d = _seq(3, 4, max_tokens=10)
     _drive(short, [d], rng)
     assert d.num_tokens == 7 and d.finish_reason == "length"
+
+
+def _decoding(sched: Scheduler, *seqs: Sequence) -> None:
+    """Admit ``seqs`` and run their prefill (each samples token 1): from here on they decode."""
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule(8)
+    assert batch.num_steps == 1, "a prefill step became a window"
+    sched.postprocess(batch, [1] * len(batch.seqs))
+
+
+def test_decode_windows_respect_every_limit():
+    """schedule(max_decode_steps): a batch that only decodes greedily becomes a window of steps no
+    longer than any sequence's remaining tokens (max_tokens, max_model_len) or the free blocks allow,
+    its blocks grown for every step; anything waiting, temperature sampling or log-probabilities keep
+    single steps."""
+    sched = _scheduler(num_blocks=16, block_size=4, max_model_len=40)
+    a, b = _seq(0, 3, max_tokens=10), _seq(1, 5, max_tokens=4)
+    _decoding(sched, a, b)
+    win = sched.schedule(8)
+    assert win.num_steps == 3  # b has 3 of its 4 tokens left
+    for s in win.seqs:  # blocks for positions up to num_tokens - 1 + 2
+        assert len(s.block_table) * 4 >= s.num_tokens + 2
+    sched.block_manager.check_invariants(sched.running)
+    assert sched.schedule(2).num_steps == 2, "the window exceeds max_decode_steps"
+    assert sched.schedule(1).num_steps == 1
+
+    # max_model_len: step j feeds position num_tokens - 1 + j, which must stay below it.
+    short = _scheduler(num_blocks=16, block_size=4, max_model_len=7)
+    c = _seq(2, 3, max_tokens=20)
+    _decoding(short, c)  # 4 tokens: positions 3..6 may be fed
+    assert short.schedule(8).num_steps == 4
+
+    # Free blocks: 4 blocks of 4 slots; after the prefill d holds 1 and e 1, so 2 are free. With 3
+    # tokens each in the cache, a window of k steps needs ceil((3 + k) / 4) blocks each.
+    tight = _scheduler(num_blocks=4, block_size=4)
+    d, e = _seq(3, 3, max_tokens=20), _seq(4, 3, max_tokens=20)
+    _decoding(tight, d, e)
+    assert tight.schedule(8).num_steps == 5  # 2 blocks each, none left
+    tight.block_manager.check_invariants(tight.running)
+
+    # Single steps: something waits for a slot; a sampling or log-probability request.
+    one = _scheduler(max_num_seqs=1)
+    f, g = _seq(5, 3), _seq(6, 3)
+    _decoding(one, f)
+    one.add(g)
+    assert one.schedule(8).num_steps == 1
+    for params in (dict(temperature=0.7), dict(logprobs=True)):
+        s = _scheduler()
+        h = Sequence(7, [10, 11, 12], SamplingParams(max_tokens=8, **{"temperature": 0.0, **params}))
+        _decoding(s, h)
+        assert s.schedule(8).num_steps == 1, params

@@ -85,11 +85,14 @@ class TorchOps:
     ) -> None:
         """Write the step's new k, v [T, Hkv, D] into the paged caches [num_blocks, block_size, Hkv, D].
 
-        slot_mapping [T] (int): flat slot ``block * block_size + offset`` of each token.
+        slot_mapping [T] (int): flat slot ``block * block_size + offset`` of each token; a negative
+        slot (a padding row of the padded decode path) writes nothing, as in the kv_store kernel.
         """
         num_blocks, block_size = k_cache.shape[:2]
-        k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k
-        v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = k[keep]
+        v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = v[keep]
 
     def paged_attention(
         self,
