@@ -162,3 +162,4 @@ def test_serve_counts_every_token_of_a_window(tmp_path_factory):
     assert [len(t) for t in trace.token_times] == [8, 5]
     assert all(np.all(np.diff(t) >= 0) for t in trace.token_times)
     assert len(trace.decode_steps) == 8 - 1  # every token after the first comes from a decode step
+

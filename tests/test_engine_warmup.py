@@ -161,3 +161,29 @@ def test_decode_buffers_start_initialised(model_dir, device):
     for host, dev in zip(g._host, g._device_buffers):
         assert torch.equal(host, dev.cpu())
     assert (g._host[4] == 0).all() and (g._host[2] == -1).all() and (g._host[3] == 1).all()
+
+
+@pytest.mark.gpu
+def test_multi_step_windows_on_cuda_graphs_give_the_single_step_tokens(tmp_path_factory):
+    """On the GPU (--gpu), where the windows replay captured CUDA graphs: the same greedy tokens as
+    single steps of the same engine setup, with windows of the batch of 3 (padded to 4) and of 1."""
+    model_dir = checkpoint("llama3", tmp_path_factory)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 5, 9)]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (9, 14, 6)]
+    outs = {}
+    for k in (1, 4):
+        llm = LLM(model_dir, block_size=4, num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=32,
+                  num_decode_steps=k)
+        assert llm.uses_cuda_graphs
+        windows, real = [], llm.runner.graphs.run_window
+
+        def recording(seqs, steps, real=real, windows=windows):
+            windows.append((len(seqs), steps))
+            return real(seqs, steps)
+
+        llm.runner.graphs.run_window = recording
+        outs[k] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert bool(windows) == (k > 1), windows
+    assert outs[4] == outs[1]
+    assert [len(t) for t in outs[4]] == [9, 14, 6]
