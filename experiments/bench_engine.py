@@ -171,8 +171,8 @@ def serve(llm: LLM, requests: list[Request]) -> Trace:
         if not llm.has_unfinished():
             time.sleep(max(0.0, requests[order[nxt]].arrival_s - now))
             continue
-        start = time.perf_counter()
         before = {seq.seq_id: seq.num_tokens for seq in llm.scheduler.running}
+        start = time.perf_counter()
         advanced = llm.step()  # returns after the sampled tokens reached the host
         end = time.perf_counter()
         batch = llm.last_batch
