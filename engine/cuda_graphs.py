@@ -177,8 +177,10 @@ class DecodeGraphs:
         b, size, bs = len(seqs), self.bucket(len(seqs)), self.block_size
         self._fill(seqs, size)
         dev = self.ids.device
+        # Sent from pinned memory without blocking: a copy from pageable memory would make the host
+        # wait for the GPU here. PyTorch keeps the pinned block alive until the copy has run.
         later = torch.tensor([[slot_of(s, s.num_computed_tokens + j, bs) for s in seqs] for j in range(1, steps)],
-                             dtype=torch.int64).to(dev)  # [steps - 1, b]
+                             dtype=torch.int64, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)  # [steps - 1, b]
         tokens = torch.empty(steps, b, dtype=torch.int64, device=dev)
         for j in range(steps):
             if j:
