@@ -338,7 +338,7 @@ class LLM:
             return []  # everything was preempted this step; the next step re-admits
         before = [seq.num_tokens for seq in batch.seqs]
         if batch.num_steps > 1:
-            finished = self._postprocess_window(batch, self.runner.run_window(batch))
+            finished = self.scheduler.postprocess_window(batch, self.runner.run_window(batch))
         else:
             out = self.runner.run(batch)
             for seq, lp, plps in zip(batch.seqs, out.logprobs, out.prompt_logprobs):
@@ -359,18 +359,6 @@ class LLM:
                 detok.flush()
             self.runner.release(seq)
         return advanced
-
-    def _postprocess_window(self, batch: ScheduledBatch, tokens: list[list[int]]) -> list[Sequence]:
-        """Account for a window's tokens [num_steps][B] one step at a time, as single steps would:
-        a sequence that finishes at step j keeps none of the tokens after it."""
-        finished: list[Sequence] = []
-        for row in tokens:
-            live = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]
-            if not live:
-                break
-            step = ScheduledBatch([batch.seqs[i] for i in live], [1] * len(live))
-            finished += self.scheduler.postprocess(step, [row[i] for i in live])
-        return finished
 
     def output(self, seq: Sequence) -> RequestOutput:
         """The result of a finished request (and forget its detokeniser)."""

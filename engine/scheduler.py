@@ -189,6 +189,19 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
+    def postprocess_window(self, batch: ScheduledBatch, tokens: list[list[int]]) -> list[Sequence]:
+        """Account for a decode window's tokens [num_steps][B] one step at a time, as single steps
+        would: a sequence that finishes at step j keeps none of the tokens after it (its blocks,
+        grown for the whole window, are freed then). Returns the sequences that finished."""
+        finished: list[Sequence] = []
+        for row in tokens:
+            live = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]
+            if not live:
+                break
+            step = ScheduledBatch([batch.seqs[i] for i in live], [1] * len(live))
+            finished += self.postprocess(step, [row[i] for i in live])
+        return finished
+
     def abort_all(self) -> list[Sequence]:
         """Drop every unfinished sequence, freeing its blocks (after an error inside a step)."""
         dropped = list(self.running) + list(self.waiting)

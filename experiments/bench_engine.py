@@ -171,7 +171,6 @@ def serve(llm: LLM, requests: list[Request]) -> Trace:
         if not llm.has_unfinished():
             time.sleep(max(0.0, requests[order[nxt]].arrival_s - now))
             continue
-        before = {seq.seq_id: seq.num_tokens for seq in llm.scheduler.running}
         start = time.perf_counter()
         advanced = llm.step()  # returns after the sampled tokens reached the host
         end = time.perf_counter()
@@ -180,9 +179,9 @@ def serve(llm: LLM, requests: list[Request]) -> Trace:
             # A multi-step window of k decode steps counts as k steps of its mean time.
             decode_steps += [(len(batch.seqs), (end - start) / batch.num_steps)] * batch.num_steps
         for seq in advanced:
-            # Every token a step delivers (a window delivers several at once) arrives at its end.
-            new = seq.num_tokens - before.get(seq.seq_id, seq.num_tokens - 1)
-            times[index[seq.seq_id]] += [end - t0] * new
+            # Every output token not yet timed arrived at this step's end (a window delivers several).
+            seen = times[index[seq.seq_id]]
+            seen += [end - t0] * (seq.num_output_tokens - len(seen))
             if seq.is_finished:
                 llm.output(seq)
     return Trace(time.perf_counter() - t0, [r.arrival_s for r in requests], times, decode_steps)
