@@ -67,6 +67,24 @@ def n_parts(block_n: int) -> list[int]:
     return [first, block_n - first]
 
 
+# GEMV tiles (the gemm family's gemv variant and kernels/gemv_prologue.py): one to 16 columns of C
+# a program, K steps up to 2048 deep. At M = 1 on an H200 (cold L2, timed in CUDA graphs), one or
+# two columns a program over K steps of 1024-2048, without software pipelining, streamed the decode
+# weights of llama-3.2-1b fastest: 3.5 TB/s at 16384x2048, 1.05-1.12x the best 8-column tile and
+# 1.16-1.41x cuBLAS (results/gemv_tiles/NOTES.md). Deep K steps put every load of a program in flight
+# at once; narrow tiles give the small matrices thousands of programs.
+GEMV_BLOCK_N = (1, 2, 4, 8, 16)
+GEMV_BLOCK_K = (128, 256, 512, 1024, 2048)
+
+
+def gemv_default(rows: int, K: int) -> Config:
+    """The GEMV tile of the note above: one column a program, K steps of 1024 (or K's next power
+    of two if smaller), one stage, and the warps that give each thread about 8 accumulator registers."""
+    block_k = min(1024, max(min(GEMV_BLOCK_K), next_pow2(K)))
+    warps = min(8, max(1, next_pow2(rows) * block_k // (32 * 8)))
+    return {"BLOCK_N": 1, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 1}
+
+
 def gemv_accumulator_reject(rows: int, block_n: int, block_k: int, warps: int) -> str | None:
     """Why a GEMV's float32 accumulator [next_pow2(rows), block_n, block_k] does not suit ``warps``
     warps (it must be 4 to 64 registers a thread), or None. The gemm family's ``gemv`` variant and
@@ -127,13 +145,14 @@ class GemmFamily(Family):
         return {
             "variant": [v for v in VARIANTS if (tma_ok or not v.startswith("tma")) and (gemv or v != "gemv")],
             "BLOCK_M": block_m,
-            "BLOCK_N": [b for b in (8, 16, 32, 64, 96, 128, 192, 256)
-                        if (gemv or b >= 32) and (tma_ok or is_pow2(b)) and b <= max(32, next_pow2(N))],
-            "BLOCK_K": [b for b in (32, 64, 128, 256, 512) if (gemv or b <= 256) and b <= max(32, next_pow2(K))],
+            "BLOCK_N": sorted({b for b in (32, 64, 96, 128, 192, 256) if (tma_ok or is_pow2(b))
+                               and b <= max(32, next_pow2(N))} | (set(GEMV_BLOCK_N) if gemv else set())),
+            "BLOCK_K": sorted({b for b in (32, 64, 128, 256) if b <= max(32, next_pow2(K))}
+                              | ({b for b in GEMV_BLOCK_K if b <= max(128, next_pow2(K))} if gemv else set())),
             "GROUP_M": [1, 8],
             "SPLIT_K": [1, 2, 4, 8, 16],
-            "num_warps": [4, 8],
-            "num_stages": [2, 3, 4, 5],
+            "num_warps": [1, 2, 4, 8] if gemv else [4, 8],
+            "num_stages": [1, 2, 3, 4, 5] if gemv else [2, 3, 4, 5],
         }
 
     def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
@@ -153,8 +172,8 @@ class GemmFamily(Family):
             if M > GEMV_MAX_M:
                 return f"gemv holds every row of A: M <= {GEMV_MAX_M}"
             return gemv_accumulator_reject(M, bn, bk, warps)
-        if bn < 32 or bk > 256:
-            return "BLOCK_N below 32 and BLOCK_K above 256 are gemv tiles"
+        if bn < 32 or bk > 256 or warps < 4 or stages < 2:
+            return "BLOCK_N below 32, BLOCK_K above 256, fewer than 4 warps and one stage are gemv's"
         acc_per_thread = bm * bn // (32 * warps)
         if acc_per_thread > 128:
             return f"{bm}x{bn} float32 accumulator is {acc_per_thread} registers per thread with {warps} warps"
@@ -207,7 +226,8 @@ class GemmFamily(Family):
         variant) fill a wave to 90%, those with BLOCK_K 128, 4 warps and 4 stages (256x6144x4096:
         128 tiles for 132 SMs, 1.12x the 96 tiles of 128x128 in results/gemm_parts_n/).
         Elsewhere for M > 64: 128x256x64 tiles, 8 warps, grouped order.
-        M <= 64 (decode and small batches) is bound by streaming B, so what matters is enough programs to
+        M <= 4 (decode): the ``gemv`` variant with the tile of ``gemv_default``.
+        Up to M = 64 (small batches) the GEMM is bound by streaming B, so what matters is enough programs to
         keep every SM loading: the widest N tile that still gives about one tile per SM, and when
         even 32-wide tiles give too few (small N), K split across programs until they do -- the
         structure of every small-M winner of results/tune_suite_nvidia_h200.csv.
@@ -217,6 +237,8 @@ class GemmFamily(Family):
         facts = device_facts()
         if M > 64 and facts.capability >= (9, 0) and not _tma_misaligned(N, K, dtype):
             cfg = _hopper_tiles(M, N, K, facts.num_sms)
+        elif M <= GEMV_MAX_M:
+            cfg = dict(variant="gemv", BLOCK_M=16, GROUP_M=1, SPLIT_K=1, **gemv_default(M, K))
         elif M > 64:
             cfg = dict(variant="tiled", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_K=1,
                        num_warps=8, num_stages=3)

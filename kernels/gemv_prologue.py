@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kernels.family import Config, Family, Shape, next_pow2, positive_dims, tolerance, torch_dtype
-from kernels.gemm import GEMV_MAX_M, gemv_accumulator_reject
+from kernels.gemm import GEMV_BLOCK_K, GEMV_BLOCK_N, GEMV_MAX_M, gemv_accumulator_reject, gemv_default
 
 
 def gemv_dims(family: str, shape: Shape) -> tuple[int, int, int]:
@@ -44,10 +44,10 @@ class GemvPrologueFamily(Family):
         _, N, K = gemv_dims(self.name, shape)
         torch_dtype(dtype)
         return {
-            "BLOCK_N": [b for b in (4, 8, 16, 32) if b <= max(4, next_pow2(N))],
-            "BLOCK_K": [b for b in (64, 128, 256, 512) if b <= max(64, next_pow2(K))],
-            "num_warps": [2, 4, 8],
-            "num_stages": [2, 3, 4, 5],
+            "BLOCK_N": [b for b in (*GEMV_BLOCK_N, 32) if b <= max(4, next_pow2(N))],
+            "BLOCK_K": [b for b in (64, *GEMV_BLOCK_K) if b <= max(128, next_pow2(K))],
+            "num_warps": [1, 2, 4, 8],
+            "num_stages": [1, 2, 3, 4, 5],
         }
 
     def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
@@ -55,16 +55,9 @@ class GemvPrologueFamily(Family):
         return gemv_accumulator_reject(M, config["BLOCK_N"], config["BLOCK_K"], config["num_warps"])
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
-        """8 columns a program and K steps of 512 -- the tile the gemm family's gemv variant won
-        with at every llama-3.2-1b decode GEMM it took (results/cache/nvidia_h200.json) -- with the
-        warps that keep the accumulator at 16 registers a thread, shrunk until valid."""
-        M, _, _ = gemv_dims(self.name, shape)
-        space = self.space(shape, dtype)
-        cfg: Config = {"BLOCK_N": min(8, max(space["BLOCK_N"])), "BLOCK_K": min(512, max(space["BLOCK_K"])),
-                       "num_stages": 3}
-        cfg["num_warps"] = min(8, max(2, next_pow2(M) * cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * 16)))
-        while self.reject(shape, dtype, cfg) is not None and cfg["BLOCK_K"] > min(space["BLOCK_K"]):
-            cfg["BLOCK_K"] //= 2
+        """The gemm family's GEMV tile (``kernels.gemm.gemv_default``), or the first valid config."""
+        M, _, K = gemv_dims(self.name, shape)
+        cfg = gemv_default(M, K)
         return cfg if self.reject(shape, dtype, cfg) is None else self.configs(shape, dtype)[0]
 
     def tile_facts(self, shape: Shape, config: Config) -> dict[str, Any]:

@@ -53,13 +53,17 @@ def test_gemv_variant_covers_decode_rows(dtype: str, device, M: int) -> None:
     w = torch.randn(37, 600, generator=g).to(device, dt)
     shape = FAMILY.shape_from_call(a, w.t())
     configs = [c for c in FAMILY.configs(shape, dtype) if c["variant"] == "gemv"]
-    assert {c["BLOCK_N"] for c in configs} >= {8, 16, 32} and {c["BLOCK_K"] for c in configs} >= {128, 512}
+    assert {c["BLOCK_N"] for c in configs} >= {1, 2, 8, 16, 32} and {c["BLOCK_K"] for c in configs} >= {128, 512, 1024}
+    assert {c["num_stages"] for c in configs} >= {1, 3} and FAMILY.default_config(shape, dtype) in configs
     for cfg in configs[:: max(1, len(configs) // 5)]:
         _check(a, w.t(), dtype, device, cfg)
         _check(a, w.t().contiguous(), dtype, device, cfg)  # B row-major [K, N]
     assert "gemv" not in FAMILY.space({"M": gemm_module.GEMV_MAX_M + 1, "N": 37, "K": 600}, dtype)["variant"]
-    wide = {**configs[0], "variant": "tiled"}
-    assert "gemv tiles" in (FAMILY.reject(shape, dtype, {**wide, "BLOCK_N": 8}) or "")
+    wide = {"variant": "tiled", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "SPLIT_K": 1,
+            "num_warps": 4, "num_stages": 3}
+    assert FAMILY.reject(shape, dtype, wide) is None
+    for narrow in ({"BLOCK_N": 8}, {"num_stages": 1}, {"num_warps": 2}):
+        assert "are gemv's" in (FAMILY.reject(shape, dtype, {**wide, **narrow}) or ""), narrow
 
 
 def test_tma_variant_copies_unsupported_layouts(device) -> None:
