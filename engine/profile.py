@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from engine.llm import LLM
 
 Timer = Callable[[Callable[[], Any]], float]  # fn -> milliseconds of one call
-OPERATORS = ("rmsnorm", "qkv_proj", "rope", "kv_store", "attention", "o_proj", "gate_up_proj", "silu_mul",
-             "down_proj", "lm_head")
+OPERATORS = ("rmsnorm", "qkv_proj", "rope", "kv_store", "rope+kv_store", "attention", "o_proj", "gate_up_proj",
+             "silu_mul", "down_proj", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,15 @@ class _Recorder:
     def rope(self, q, k, positions, cos_sin):
         shape = {"tokens": q.shape[0], "heads_q": q.shape[1], "heads_kv": k.shape[1], "head_dim": q.shape[2]}
         return self._do("rope", "rope", shape, "rope", q, k, positions, cos_sin)
+
+    def rope_store(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
+        # As norm_linear: unfused, two recorded calls; fused, one, booked as "rope+kv_store".
+        if not self.ops.fuses_rope_store:
+            return TorchOps.rope_store(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+        shape = {"tokens": q.shape[0], "heads_q": q.shape[1], "heads_kv": k.shape[1], "head_dim": q.shape[2],
+                 "block_size": k_cache.shape[1]}
+        return self._do("rope+kv_store", "rope", shape, "rope_store", q, k, v, positions, cos_sin, k_cache, v_cache,
+                        slot_mapping)
 
     def silu_mul(self, gate_up):
         shape = {"tokens": gate_up.shape[0], "intermediate": gate_up.shape[1] // 2}

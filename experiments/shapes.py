@@ -49,9 +49,10 @@ def model_shapes(
     - attention_prefill: causal varlen attention of the step's prompts;
     - attention_paged: decode (query_len 1) over each context length, and the prompts of a prefill
       step through the same paged path (query_len = context_len = L);
-    - rmsnorm over hidden, silu_mul over the intermediate size, rope on q and k, and kv_store
-      writing K and V into one layer's cache (the largest decode batch at the longest context), at
-      M = tokens of the step.
+    - rmsnorm over hidden, silu_mul over the intermediate size, and rope on q and k with the KV
+      store fused in (the Triton backend's ``rope_store``), at M = tokens of the step; kv_store
+      alone, as the unfused path would write K and V into one layer's cache (the largest decode
+      batch at the longest context).
     Steps of at most GEMV_MAX_M tokens run as the engine's Triton backend runs them: the norms
     inside the QKV and gate/up GEMVs (norm_gemv; the first layer's QKV without a residual) and the
     activation inside the down projection's (silu_gemv), so those GEMMs and silu_mul are not
@@ -91,7 +92,7 @@ def model_shapes(
         ),
         "rmsnorm": _unique([{"tokens": t, "hidden": H, "residual": True} for t in tokens]),
         "silu_mul": _unique([{"tokens": t, "intermediate": I} for t in unfused]),
-        "rope": _unique([{"tokens": t, **heads} for t in tokens]),
+        "rope": _unique([{"tokens": t, **heads, "block_size": block_size} for t in tokens]),
         "kv_store": _unique(
             [
                 {"tokens": t, "heads_kv": Hkv, "head_dim": D, "block_size": block_size, "num_blocks": cache_blocks}

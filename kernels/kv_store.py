@@ -166,6 +166,36 @@ def kv_store_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.view(N * B, H, D).index_copy_(0, slot_mapping.long(), v)
 
 
+def check_store(fn: str, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                slot_mapping: torch.Tensor) -> None:
+    """``ValueError``/``TypeError`` naming ``fn`` unless k, v [T, Hkv, D] go into k_cache, v_cache
+    [num_blocks, block_size, Hkv, D] by slot_mapping [T] (int32 or int64): one float dtype, one
+    device, contiguous last dims. The rope family's fused store checks the same."""
+    for name, t, dims in (("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
+                          ("slot_mapping", slot_mapping, 1)):
+        checks.tensor(fn, name, t, dims)
+    checks.float_dtype(fn, "k", k)
+    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        checks.float_dtype(fn, name, t, like=k)
+    checks.index_dtype(fn, "slot_mapping", slot_mapping)
+    T, H, D = k.shape
+    N, B = k_cache.shape[:2]
+    checks.shape(fn, "v", v, (T, H, D), "[T, Hkv, D] like k")
+    checks.shape(fn, "k_cache", k_cache, (N, B, H, D), "[num_blocks, block_size, Hkv, D]")
+    checks.shape(fn, "v_cache", v_cache, (N, B, H, D), "[num_blocks, block_size, Hkv, D] like k_cache")
+    checks.shape(fn, "slot_mapping", slot_mapping, (T,), "[T]")
+    checks.same_device(fn, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        checks.unit_last_stride(fn, name, t)
+
+
+def check_slots(fn: str, slot_mapping: torch.Tensor, num_slots: int) -> None:
+    """``ValueError`` for a slot past the cache, when slot_mapping is on the CPU. On a GPU the check
+    would cost a sync, so there the kernels' device_assert guards (active under TRITON_DEBUG=1)."""
+    if slot_mapping.device.type == "cpu" and slot_mapping.numel() and int(slot_mapping.max()) >= num_slots:
+        raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is past the cache's {num_slots} slots")
+
+
 def kv_store(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -185,29 +215,14 @@ def kv_store(
     ``config`` None uses the family's default config.
     """
     fn = "kv_store"
-    for name, t, dims in (("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
-                          ("slot_mapping", slot_mapping, 1)):
-        checks.tensor(fn, name, t, dims)
-    checks.float_dtype(fn, "k", k)
-    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        checks.float_dtype(fn, name, t, like=k)
-    checks.index_dtype(fn, "slot_mapping", slot_mapping)
-    T, H, D = k.shape
-    N, B = k_cache.shape[:2]
-    checks.shape(fn, "v", v, (T, H, D), "[T, Hkv, D] like k")
-    checks.shape(fn, "k_cache", k_cache, (N, B, H, D), "[num_blocks, block_size, Hkv, D]")
-    checks.shape(fn, "v_cache", v_cache, (N, B, H, D), "[num_blocks, block_size, Hkv, D] like k_cache")
-    checks.shape(fn, "slot_mapping", slot_mapping, (T,), "[T]")
+    check_store(fn, k, v, k_cache, v_cache, slot_mapping)
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"{fn}: config must be a dict or None, got {type(config).__name__}")
-    checks.same_device(fn, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
-    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        checks.unit_last_stride(fn, name, t)
+    T, H, D = k.shape
+    N, B = k_cache.shape[:2]
     if T == 0:
         return
-    if slot_mapping.device.type == "cpu" and int(slot_mapping.max()) >= N * B:
-        raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is past the cache's {N * B} slots "
-                         f"({N} blocks of {B})")
+    check_slots(fn, slot_mapping, N * B)
     # Token and block counts are no shape facts of the variant: one memo entry serves them all.
     shape = {"tokens": 1, "heads_kv": H, "head_dim": D, "block_size": B, "num_blocks": 1}
     FAMILY.resolve(shape, dtype_name(k.dtype), config)[1].launch(k, v, k_cache, v_cache, slot_mapping.contiguous())

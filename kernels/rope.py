@@ -6,8 +6,10 @@ angles then their sin ([max_pos, D], vLLM's layout), built once by :func:`rope_c
 computes inv_freq exactly as transformers does for the default, ``linear`` and ``llama3`` rope
 types. Scaling lives entirely in the cache, so it changes no kernel text.
 
-Shape dicts are ``{"tokens", "heads_q", "heads_kv", "head_dim"}``; the template is
-``kernels/templates/rope.py.j2``.
+With ``v``, the caches and a slot mapping, the kernel also does the kv_store family's write: the
+rotated k and v go into the paged KV cache (a decode step's rope and KV store as one launch). Shape
+dicts are ``{"tokens", "heads_q", "heads_kv", "head_dim"}``, plus ``"block_size"`` (the cache's
+tokens per block) for the fused store; the template is ``kernels/templates/rope.py.j2``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from kernels import checks
+from kernels.kv_store import check_slots, check_store
 from kernels.family import (
     Config, DTYPES, Family, Shape, dtype_name, next_pow2, occupancy_reject, positive_dims, tolerance, torch_dtype,
 )
@@ -34,6 +37,13 @@ def _dims(shape: Shape) -> tuple[int, int, int, int]:
     if D % 2:
         raise ValueError(f"rope: head_dim must be even (the two halves are rotated together), got {D}")
     return T, Hq, Hkv, D
+
+
+def _store_block(shape: Shape) -> int | None:
+    """The cache's block size when the shape has the fused KV store, else None."""
+    if shape.get("block_size") is None:
+        return None
+    return positive_dims("rope", shape, ("block_size",))[0]
 
 
 # --- the cos/sin cache ----------------------------------------------------------------------------
@@ -123,7 +133,8 @@ class RopeFamily(Family):
 
     def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
         _, _, _, D = _dims(shape)
-        tile = config["HEAD_BLOCK"] * next_pow2(D // 2) * 2  # both halves of HEAD_BLOCK heads
+        # Both halves of HEAD_BLOCK heads; with the store, v's heads are held too.
+        tile = config["HEAD_BLOCK"] * next_pow2(D // 2) * (2 if _store_block(shape) is None else 4)
         return occupancy_reject(tile, config["num_warps"], MAX_ELEMENTS_PER_THREAD,
                                 f"{config['HEAD_BLOCK']} heads of {D}")
 
@@ -148,6 +159,8 @@ class RopeFamily(Family):
             "BLOCK_T": config["BLOCK_T"],
             "EVEN_HALF": D // 2 == next_pow2(D // 2),
             "EVEN_HEADS": Hq % hb == 0 and Hkv % hb == 0,
+            "STORE": _store_block(shape) is not None,
+            "BLOCK_SIZE": _store_block(shape),
             "NUM_WARPS": config["num_warps"],
         }
 
@@ -156,52 +169,99 @@ class RopeFamily(Family):
         """q, k random; positions random in the cache; ``out`` [T, Hq + Hkv, D] receives q then k.
 
         ``run`` copies q and k into their views of ``out`` and rotates those in place, so the
-        views have the strides of a fused QKV projection's output.
+        views have the strides of a fused QKV projection's output. With the fused store: v and the
+        caches' old contents random, distinct random slots with the last token's -1 (padding), and
+        ``caches_out`` [2, num_blocks, block_size, Hkv, D] receiving the caches, so a missed store
+        leaves an old value that fails the check.
         """
         T, Hq, Hkv, D = _dims(shape)
         dt = torch_dtype(dtype)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        return {
+        inputs = {
             "q": torch.randn(T, Hq, D, generator=gen).to(device=device, dtype=dt),
             "k": torch.randn(T, Hkv, D, generator=gen).to(device=device, dtype=dt),
             "positions": torch.randint(0, CACHE_POSITIONS, (T,), generator=gen).to(device),
             "cos_sin_cache": _cached_rope_cache(D, str(torch.device(device))),
             "out": torch.empty(T, Hq + Hkv, D, device=device, dtype=dt),
         }
+        B = _store_block(shape)
+        if B is not None:
+            N = T // B + 2
+            slots = torch.randperm(N * B, generator=gen)[:T]
+            if T > 1:
+                slots[-1] = -1
+            inputs.update(
+                v=torch.randn(T, Hkv, D, generator=gen).to(device=device, dtype=dt),
+                caches=torch.randn(2, N, B, Hkv, D, generator=gen).to(device=device, dtype=dt),
+                slot_mapping=slots.to(device),
+                caches_out=torch.empty(2, N, B, Hkv, D, device=device, dtype=dt),
+            )
+        return inputs
 
     def shape_of(self, inputs: dict) -> Shape:
         T, Hq, D = inputs["q"].shape
-        return {"tokens": T, "heads_q": Hq, "heads_kv": inputs["k"].shape[1], "head_dim": D}
+        shape = {"tokens": T, "heads_q": Hq, "heads_kv": inputs["k"].shape[1], "head_dim": D}
+        if "caches" in inputs:
+            shape["block_size"] = inputs["caches"].shape[2]
+        return shape
+
+    def _store_args(self, inputs: dict) -> dict:
+        if "caches" not in inputs:
+            return {}
+        caches = inputs["caches_out"]
+        return {"v": inputs["v"], "k_cache": caches[0], "v_cache": caches[1], "slot_mapping": inputs["slot_mapping"]}
 
     def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
+        """q then k rotated, [T, Hq + Hkv, D]; with the store, flattened and followed by the caches."""
         out, Hq = inputs["out"], inputs["q"].shape[1]
         q, k = out[:, :Hq], out[:, Hq:]
         q.copy_(inputs["q"])
         k.copy_(inputs["k"])
-        rope(q, k, inputs["positions"], inputs["cos_sin_cache"], config=config)
-        return out
+        if "caches" in inputs:
+            inputs["caches_out"].copy_(inputs["caches"])
+        rope(q, k, inputs["positions"], inputs["cos_sin_cache"], config=config, **self._store_args(inputs))
+        return out if "caches" not in inputs else torch.cat([out.flatten(), inputs["caches_out"].flatten()])
 
     def timed_call(self, inputs: dict, config: Config | None) -> Callable[[], Any]:
-        """Rotate q's and k's views of ``out`` in place, over and over, without run()'s copy-in."""
+        """Rotate q's and k's views of ``out`` in place (and store), over and over, without run()'s copy-in."""
         out, Hq = inputs["out"], inputs["q"].shape[1]
         q, k = out[:, :Hq], out[:, Hq:]
-        return lambda: rope(q, k, inputs["positions"], inputs["cos_sin_cache"], config=config)
+        store = self._store_args(inputs)
+        return lambda: rope(q, k, inputs["positions"], inputs["cos_sin_cache"], config=config, **store)
+
+    def _stored(self, inputs: dict, qk: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``qk`` alone, or flattened and followed by the caches with the rotated ``k`` and v stored."""
+        if "caches" not in inputs:
+            return qk
+        caches = inputs["caches"].to(k.dtype)
+        N, B, H, D = caches.shape[1:]
+        slots = inputs["slot_mapping"].long()
+        keep = slots >= 0
+        flat = caches.view(2, N * B, H, D)
+        flat[0, slots[keep]] = k[keep]
+        flat[1, slots[keep]] = inputs["v"][keep].to(k.dtype)
+        return torch.cat([qk.flatten(), caches.flatten()])
 
     def reference(self, inputs: dict) -> torch.Tensor:
         cache = inputs["cos_sin_cache"][inputs["positions"]].double()
         q, k = rope_torch(inputs["q"].double(), inputs["k"].double(), cache)
-        return torch.cat([q, k], dim=1)
+        return self._stored(inputs, torch.cat([q, k], dim=1), k)
 
     def baseline(self, inputs: dict) -> torch.Tensor:
         cache = inputs["cos_sin_cache"][inputs["positions"]]
-        return torch.cat(rope_torch(inputs["q"], inputs["k"], cache), dim=1)
+        q, k = rope_torch(inputs["q"], inputs["k"], cache)
+        return self._stored(inputs, torch.cat([q, k], dim=1), k)
 
     def call(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, *,
-             config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope(q, k, positions, cos_sin_cache, config=config)
+             config: Config | None = None, **store: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope(q, k, positions, cos_sin_cache, config=config, **store)
 
-    def shape_from_call(self, q: torch.Tensor, k: torch.Tensor, *_: Any, **__: Any) -> Shape:
-        return self.shape_of({"q": q, "k": k})
+    def shape_from_call(self, q: torch.Tensor, k: torch.Tensor, *_: Any, k_cache: torch.Tensor | None = None,
+                        **__: Any) -> Shape:
+        shape = self.shape_of({"q": q, "k": k})
+        if k_cache is not None:
+            shape["block_size"] = k_cache.shape[1]
+        return shape
 
     def tolerance(self, dtype: str, device: torch.device | str) -> float:
         # No matrix units here: float32 stays float32 on a GPU too (no TF32 allowance).
@@ -215,14 +275,18 @@ class RopeFamily(Family):
     def bytes(self, shape: Shape, dtype: str) -> float:
         T, Hq, Hkv, D = _dims(shape)
         elt = torch.empty((), dtype=torch_dtype(dtype)).element_size()
-        # q and k read and written, a float32 cache row and an int64 position per token.
-        return float(2 * T * (Hq + Hkv) * D * elt + T * (D * 4 + 8))
+        # q and k read and written, a float32 cache row and an int64 position per token; with the
+        # store, k written again, v read and written and an int64 slot per token.
+        store = 0 if _store_block(shape) is None else T * (3 * Hkv * D * elt + 8)
+        return float(2 * T * (Hq + Hkv) * D * elt + T * (D * 4 + 8) + store)
 
     def tiny_shapes(self) -> list[Shape]:
         return [
             {"tokens": 5, "heads_q": 4, "heads_kv": 2, "head_dim": 16},  # GQA, powers of two
             {"tokens": 3, "heads_q": 6, "heads_kv": 3, "head_dim": 24},  # odd heads, half dim 12
             {"tokens": 1, "heads_q": 2, "heads_kv": 2, "head_dim": 64},  # decode, multi-head
+            {"tokens": 6, "heads_q": 6, "heads_kv": 3, "head_dim": 24, "block_size": 4},  # store, odd, padding
+            {"tokens": 1, "heads_q": 8, "heads_kv": 2, "head_dim": 32, "block_size": 16},  # store, decode
         ]
 
 
@@ -254,6 +318,10 @@ def rope(
     cos_sin_cache: torch.Tensor,
     *,
     config: Config | None = None,
+    v: torch.Tensor | None = None,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by the angles of their tokens' positions.
 
@@ -261,6 +329,10 @@ def rope(
     float32 or q's dtype). q and k need a contiguous last dim; their token and head strides may be
     anything (views into a fused QKV output). D must be even. Returns (q, k), rotated.
     ``config`` None uses the family's default config.
+
+    With v [T, Hkv, D], k_cache and v_cache [num_blocks, block_size, Hkv, D] (the same strides) and
+    slot_mapping [T] (all four or none), the same launch also does :func:`kernels.kv_store.kv_store`
+    with the rotated k: k and v go into the caches at the flat slots, a negative slot skipped.
     """
     fn = "rope"
     checks.tensor(fn, "q", q, 3)
@@ -283,6 +355,17 @@ def rope(
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"rope: config must be a dict or None, got {type(config).__name__}")
     checks.same_device(fn, q=q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)
+    store = {"v": v, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slot_mapping}
+    given = [name for name, t in store.items() if t is not None]
+    if given and len(given) != len(store):
+        raise ValueError(f"rope: the fused KV store needs v, k_cache, v_cache and slot_mapping; got only {given}")
+    if given:
+        check_store(fn, k, v, k_cache, v_cache, slot_mapping)
+        if k_cache.stride() != v_cache.stride():
+            raise ValueError(f"rope: k_cache and v_cache must have the same strides, got {k_cache.stride()} "
+                             f"and {v_cache.stride()}")
+        checks.same_device(fn, q=q, k_cache=k_cache)
+        check_slots(fn, slot_mapping, k_cache.shape[0] * k_cache.shape[1])
     positions = positions.contiguous()  # the kernel reads position t at offset t
     for name, t in (("q", q), ("k", k), ("cos_sin_cache", cos_sin_cache)):
         checks.unit_last_stride(fn, name, t)
@@ -294,5 +377,10 @@ def rope(
             raise ValueError(f"rope: positions span [{lo}, {hi}] but the cache has {cos_sin_cache.shape[0]} rows")
     if T > 0:
         shape = {"tokens": 1, "heads_q": Hq, "heads_kv": k.shape[1], "head_dim": D}  # any T: one entry
-        FAMILY.resolve(shape, dtype_name(q.dtype), config)[1].launch(q, k, positions, cos_sin_cache)
+        if given:
+            shape["block_size"] = k_cache.shape[1]
+            extra = (v, k_cache, v_cache, slot_mapping.contiguous())
+        else:
+            extra = ()
+        FAMILY.resolve(shape, dtype_name(q.dtype), config)[1].launch(q, k, positions, cos_sin_cache, *extra)
     return q, k

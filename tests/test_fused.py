@@ -162,6 +162,55 @@ def test_rope_bad_input(change, err, match) -> None:
         rp.rope(args["q"], args["k"], args["positions"], args["cos_sin_cache"])
 
 
+def test_rope_with_the_fused_store_equals_rope_then_kv_store(dtype, device) -> None:
+    """q, k, v views of a fused QKV output; one layer of a 3-layer cache; int32 slots with padding:
+    the same rotated q and k as rope alone, the same caches as kv_store after it, bit for bit."""
+    dt = getattr(torch, dtype)
+    L, N, B, Hq, H, D, T = 3, 4, 4, 6, 3, 24, 6
+    qkv = _randn(T, (Hq + 2 * H) * D, dtype=dt, device=device, seed=12)
+    caches = _randn(2, L, N, B, H, D, dtype=dt, device=device, seed=13)
+    positions = torch.tensor([3, 0, 77, 9, 120, 5], device=device)
+    slots = torch.tensor([13, 0, -1, 7, 15, -1], dtype=torch.int32, device=device)
+    cache = rp.rope_cache(D, 128, 10000.0, device=device)
+
+    def views(qkv):
+        return (qkv[:, : Hq * D].view(T, Hq, D), qkv[:, Hq * D: (Hq + H) * D].view(T, H, D),
+                qkv[:, (Hq + H) * D:].view(T, H, D))
+
+    want_qkv, want_caches = qkv.clone(), caches.clone()
+    q, k, v = views(want_qkv)
+    rp.rope(q, k, positions, cache)
+    kvs.kv_store(k, v, want_caches[0, 1], want_caches[1, 1], slots)
+    shape = {"tokens": T, "heads_q": Hq, "heads_kv": H, "head_dim": D, "block_size": B}
+    for cfg in [None, {"HEAD_BLOCK": 2, "BLOCK_T": 4, "num_warps": 1}]:
+        assert cfg is None or rp.FAMILY.reject(shape, dtype, cfg) is None
+        got_qkv, got_caches = qkv.clone(), caches.clone()
+        q, k, v = views(got_qkv)
+        rp.rope(q, k, positions, cache, config=cfg, v=v, k_cache=got_caches[0, 1], v_cache=got_caches[1, 1],
+                slot_mapping=slots)
+        assert torch.equal(got_qkv, want_qkv) and torch.equal(got_caches, want_caches), cfg
+
+
+@pytest.mark.parametrize(
+    "change,err,match",
+    [
+        (dict(v=None), ValueError, "needs v, k_cache, v_cache and slot_mapping"),
+        (dict(slot_mapping=torch.tensor([0, 1, 2, 32])), ValueError, "slot 32 is past"),
+        (dict(v=torch.randn(4, 1, 8)), ValueError, "v must be"),
+        (dict(k_cache=torch.randn(4, 8, 2, 16)), ValueError, "k_cache must be"),
+        (dict(v_cache=torch.randn(4, 8, 1, 16, dtype=torch.float16)), TypeError, "v_cache has dtype"),
+        (dict(v_cache=torch.randn(4, 1, 8, 16).transpose(1, 2)), ValueError, "same strides"),
+    ],
+)
+def test_rope_fused_store_bad_input(change, err, match) -> None:
+    args = dict(v=torch.randn(4, 1, 16), k_cache=torch.randn(4, 8, 1, 16), v_cache=torch.randn(4, 8, 1, 16),
+                slot_mapping=torch.tensor([0, 9, -1, 3]))
+    args.update(change)
+    with pytest.raises(err, match=match):
+        rp.rope(torch.randn(4, 2, 16), torch.randn(4, 1, 16), torch.arange(4), rp.rope_cache(16, 64, 10000.0),
+                **args)
+
+
 # --- rmsnorm --------------------------------------------------------------------------------------
 def _rms_configs(hidden: int, dtype: str) -> list[dict]:
     """The default (row) config and one of the chunked variant."""

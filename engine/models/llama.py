@@ -7,8 +7,9 @@ Weights are kept fused as loaded (engine/loader.py): per layer one QKV projectio
     h = embed[ids]
     per layer:  qkv, r = norm_linear(h, r, Wqkv)  (rmsnorm, residual add fused, then the linear layer;
                                                   r = h on the first layer; one kernel for decode rows)
-                q, k, v = split(qkv); rope(q, k, positions)
-                kv_store(k, v -> cache by slot_mapping)
+                q, k, v = split(qkv); rope_store(q, k, v, positions -> cache by slot_mapping)
+                                                 (rope in place, then the rotated k and v into the
+                                                  paged cache; one kernel on the Triton backend)
                 h = linear(paged_attention(q, cache), Wo)
                 gu, r = norm_linear(h, r, Wgate_up); h = silu_linear(gu, Wdown)
                                                   (silu_mul then the linear layer; one kernel for decode rows)
@@ -101,8 +102,7 @@ class LlamaModel:
             q = q.reshape(T, cfg.num_heads, cfg.head_dim)
             k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-            ops.rope(q, k, positions, self.cos_sin)
-            ops.kv_store(k, v, k_caches[i], v_caches[i], meta.slot_mapping)
+            ops.rope_store(q, k, v, positions, self.cos_sin, k_caches[i], v_caches[i], meta.slot_mapping)
             attn = ops.paged_attention(
                 q,
                 k_caches[i],

@@ -94,6 +94,24 @@ class TorchOps:
         k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = k[keep]
         v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = v[keep]
 
+    fuses_rope_store = False  # rope_store is the two operators in turn
+
+    def rope_store(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """:meth:`rope` on q and k, then :meth:`kv_store` of the rotated k and v. A backend may run
+        them as one kernel (``fuses_rope_store``)."""
+        self.rope(q, k, positions, cos_sin)
+        self.kv_store(k, v, k_cache, v_cache, slot_mapping)
+
     def paged_attention(
         self,
         q: torch.Tensor,

@@ -11,8 +11,10 @@ family, launched with the config the autotuner's cache holds for the shape it ru
     silu_linear       silu_gemv         up to 4 rows: silu_mul and the down projection as one kernel;
                                         more rows: the silu_mul and gemm families in turn
     rope              rope              q and k rotated in place (views of the fused QKV output)
+    rope_store        rope              the same kernel storing the rotated k and v into the paged
+                                        cache too (the kv_store family's write; negative slots, the
+                                        padding, skipped): rope and kv_store as one launch
     silu_mul          silu_mul          silu(gate) * up of the fused gate/up output
-    kv_store          kv_store          new K and V into the paged cache; negative slots (padding) skipped
     paged_attention   attention_paged   decode, chunked prefill and mixed batches
 
 ``configs="tuned"``: each call goes through ``autotune.tuned(family)``, which looks the config up once
@@ -46,7 +48,7 @@ from engine.ops.torch_ops import TorchOps
 from kernels.family import Config, dtype_name
 from kernels.gemm import GEMV_MAX_M
 
-FAMILIES = ("gemm", "rmsnorm", "norm_gemv", "rope", "silu_mul", "silu_gemv", "kv_store", "attention_paged")
+FAMILIES = ("gemm", "rmsnorm", "norm_gemv", "rope", "silu_mul", "silu_gemv", "attention_paged")
 
 # (family, dtype, JSON of the bucketed shape) -> what the dry run resolved for it.
 ResolvedKey = tuple[str, str, str]
@@ -167,23 +169,28 @@ class TritonOps(TorchOps):
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T]."""
         self._fn["rope"](q, k, positions, cos_sin)
 
+    fuses_rope_store = True
+
+    def rope_store(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """q, k [T, H, D] rotated in place and the rotated k and v written into the caches at
+        slot_mapping [T] (negative: skipped), in one rope launch: the kv_store launch is saved."""
+        self._fn["rope"](q, k, positions, cos_sin, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up [T, 2I] -> silu(gate) * up [T, I]."""
         out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
         self._fn["silu_mul"](gate_up, out=out)
         return out
-
-    def kv_store(
-        self,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        """k, v [T, Hkv, D] into the caches [num_blocks, block_size, Hkv, D] at slot_mapping [T];
-        a negative slot (a padding row of a CUDA-graph batch) is skipped."""
-        self._fn["kv_store"](k, v, k_cache, v_cache, slot_mapping)
 
     def paged_attention(
         self,
