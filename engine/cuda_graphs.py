@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from engine.models.llama import AttentionMetadata, LlamaModel
+from engine.sampler import greedy_argmax
 from engine.sequence import Sequence
 
 
@@ -188,7 +189,7 @@ class DecodeGraphs:
                 self.positions[:b] += 1
                 self.context_lens[:b] += 1
                 self.slots[:b] = later[j - 1]
-            torch.argmax(self._launch(size)[:b], dim=-1, out=tokens[j])
+            greedy_argmax(self._launch(size)[:b], out=tokens[j])
         return tokens
 
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> Callable[[], torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from engine.config import ModelConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.models.llama import AttentionMetadata, LlamaModel
-from engine.sampler import Sampler
+from engine.sampler import Sampler, greedy_argmax
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -221,7 +221,7 @@ class ModelRunner:
         """Tokens [S] for the sampling sequences ``seqs`` and their logits [S, V]."""
         dev, params = self.device, [s.params for s in seqs]
         if all(p.temperature == 0 for p in params):
-            return logits.argmax(dim=-1)  # known on the host: no parameter tensors, no device check
+            return greedy_argmax(logits)  # known on the host: no parameter tensors, no device check
         return self.sampler.sample(
             logits,
             torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),

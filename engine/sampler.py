@@ -12,7 +12,33 @@ on preemption; unseeded rows share the engine's generator.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+ARGMAX_CHUNKS = 256  # at most this many row chunks in the first pass of greedy_argmax
+
+
+def greedy_argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` [R] (int64) of logits [R, V], in two passes that keep the GPU busy.
+
+    One row's argmax over a vocabulary of 128K is a single-output reduction, which PyTorch runs
+    on a few SMs: 27 us for one row of llama-3.2-1b's logits on an H200, a fifth of the time of the
+    LM head that computes them. Here each row is cut into C equal chunks (C the largest divisor of V
+    that divides ARGMAX_CHUNKS): the first pass takes every chunk's maximum and its index (R x C
+    outputs in parallel), the second the first chunk holding the row's maximum. Both passes return
+    the first of equal maxima, so the result is the first maximum of the row, as argmax's.
+    Vocabularies with fewer than 16 such chunks take ``argmax`` directly. ``out``: an int64 [R]
+    tensor to write the result into.
+    """
+    R, V = logits.shape
+    chunks = math.gcd(V, ARGMAX_CHUNKS)
+    if chunks < 16:
+        return torch.argmax(logits, dim=-1, out=out)
+    width = V // chunks
+    best, where = logits.reshape(R, chunks, width).max(dim=-1)  # [R, C] each
+    chunk = best.argmax(dim=-1, keepdim=True)  # [R, 1]
+    return torch.add(where.gather(1, chunk)[:, 0], chunk[:, 0], alpha=width, out=out)
 
 
 class Sampler:
@@ -37,7 +63,7 @@ class Sampler:
     ) -> torch.Tensor:
         """Tokens [B] (int64) for logits [B, V] float32; temperature and top_p [B] float32,
         top_k [B] int64 (0: no limit), one generator or None per row."""
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = greedy_argmax(logits)
         greedy = temperature == 0
         if bool(greedy.all()):
             return greedy_tokens

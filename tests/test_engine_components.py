@@ -11,7 +11,7 @@ from engine.checkpoint import train_tokenizer
 from engine.config import RopeConfig, load_config, parse_rope
 from engine.detokenizer import IncrementalDetokenizer
 from engine.ops.paged_attention_torch import paged_attention
-from engine.sampler import Sampler
+from engine.sampler import Sampler, greedy_argmax
 
 
 # --- paged attention --------------------------------------------------------------------------------
@@ -62,6 +62,25 @@ def _sample(sampler, logits, temperature=1.0, top_k=0, top_p=1.0, generators=Non
         torch.full((B,), float(top_p)),
         generators if generators is not None else [None] * B,
     )
+
+
+@pytest.mark.parametrize("vocab", [128256, 32000, 4096 + 8, 1000])
+def test_greedy_argmax_is_argmax_with_its_tie_break(vocab):
+    """The two-pass argmax equals torch.argmax, the first of equal maxima included: ties planted in
+    one chunk, across chunks and at the row's ends; vocabularies with 256, 256, 8 (argmax itself)
+    and 8 chunks."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=g).to(torch.bfloat16).float()  # bfloat16 rounding: natural ties
+    top = logits.max() + 1
+    logits[1, [vocab - 1, 3]] = top  # across chunks: the earlier wins
+    logits[2, [7, 8]] = top  # within one chunk
+    logits[3, [0, vocab // 2]] = top
+    logits[4] = 0.0  # every entry equal
+    want = logits.argmax(dim=-1)
+    assert torch.equal(greedy_argmax(logits), want)
+    assert torch.equal(greedy_argmax(logits[:1]), want[:1])
+    out = torch.full((5,), -1, dtype=torch.int64)
+    assert greedy_argmax(logits, out=out) is out and torch.equal(out, want)
 
 
 def test_sampler_greedy_and_truncation():
