@@ -79,7 +79,13 @@ GEMV_BLOCK_K = (128, 256, 512, 1024, 2048)
 
 def gemv_default(rows: int, K: int) -> Config:
     """The GEMV tile of the note above: one column a program, K steps of 1024 (or K's next power
-    of two if smaller), one stage, and the warps that give each thread about 8 accumulator registers."""
+    of two if smaller), one stage, and the warps that give each thread about 8 accumulator registers.
+
+    Triton's interpreter runs the programs one after another in Python, so there the fewest
+    programs win instead: 16 rows x columns a program, K steps of up to 512, 8 warps."""
+    if interpreting():
+        return {"BLOCK_N": max(1, 16 // next_pow2(rows)), "BLOCK_K": min(512, max(min(GEMV_BLOCK_K), next_pow2(K))),
+                "num_warps": 8, "num_stages": 1}
     block_k = min(1024, max(min(GEMV_BLOCK_K), next_pow2(K)))
     warps = min(8, max(1, next_pow2(rows) * block_k // (32 * 8)))
     return {"BLOCK_N": 1, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 1}

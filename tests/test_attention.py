@@ -139,6 +139,16 @@ def test_paged_decode(block_size: int, variant: str, split: int, dtype: str, dev
     _check(PAGED, inputs, config, dtype, device)
 
 
+def test_paged_decode_split_relaunched_on_new_inputs(dtype: str, device: torch.device) -> None:
+    """Three launches of one split-KV config on different inputs each give their own reference:
+    nothing of a launch's workspace (the slices' partials and log-sum-exps) leaks into the next."""
+    config = None
+    for seed in range(3):
+        shape, inputs = _paged_inputs([1, 1, 1], [70, 33, 5], 8, 2, 64, 16, dtype, device, seed=100 + seed)
+        config = config or {**PAGED.default_config(shape, dtype), "variant": "decode_split", "SPLIT": 4, "TILE": 16}
+        _check(PAGED, inputs, config, dtype, device)
+
+
 @pytest.mark.parametrize(
     "block_size,group,head_dim,heads,block_q",
     [(16, 4, 64, 4, 4), (8, 1, 80, 1, 16), (32, 8, 64, 2, 8), (64, 2, 96, 2, 8)],
