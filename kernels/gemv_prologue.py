@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kernels.family import Config, Family, Shape, next_pow2, positive_dims, tolerance, torch_dtype
-from kernels.gemm import GEMV_BLOCK_K, GEMV_BLOCK_N, GEMV_MAX_M, gemv_accumulator_reject, gemv_default
+from kernels.gemm import GEMV_BLOCK_K, GEMV_BLOCK_N, GEMV_MAX_M, gemv_accumulator_reject
 
 
 def gemv_dims(family: str, shape: Shape) -> tuple[int, int, int]:
@@ -39,6 +39,7 @@ class GemvPrologueFamily(Family):
 
     template_file = "gemv_prologue.py.j2"
     prologue: str
+    default_tile: Config  # see default_config
 
     def space(self, shape: Shape, dtype: str) -> dict[str, list]:
         _, N, K = gemv_dims(self.name, shape)
@@ -55,9 +56,21 @@ class GemvPrologueFamily(Family):
         return gemv_accumulator_reject(M, config["BLOCK_N"], config["BLOCK_K"], config["num_warps"])
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
-        """The gemm family's GEMV tile (``kernels.gemm.gemv_default``), or the first valid config."""
-        M, _, K = gemv_dims(self.name, shape)
-        cfg = gemv_default(M, K)
+        """``default_tile`` (the family's tuned winner at its costliest llama-3.2-1b decode shape,
+        M = 1); for M > 1 its K step halved until the accumulator of M rows fits and 4 stages (the
+        winners tuned at M = 2 and 4 kept their warps, shortened the K step and took 4-5 stages). Unlike the plain GEMV's one column a program (``kernels.gemm.gemv_default``),
+        8 columns: every program recomputes the prologue over the whole row, so with one column the
+        prologue's loads cost as much as the weights' (on an H200, norm_gemv at 16384x2048 took 37 us
+        with one column, 21 us with 8)."""
+        M, _, _ = gemv_dims(self.name, shape)
+        space = self.space(shape, dtype)
+        cfg = dict(self.default_tile)
+        for key in ("BLOCK_N", "BLOCK_K"):  # no wider than the shape's space
+            cfg[key] = max([b for b in space[key] if b <= cfg[key]] or [min(space[key])])
+        while self.reject(shape, dtype, cfg) is not None and cfg["BLOCK_K"] > min(space["BLOCK_K"]):
+            cfg["BLOCK_K"] //= 2
+        if M > 1:
+            cfg["num_stages"] = 4
         return cfg if self.reject(shape, dtype, cfg) is None else self.configs(shape, dtype)[0]
 
     def tile_facts(self, shape: Shape, config: Config) -> dict[str, Any]:

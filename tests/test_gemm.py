@@ -66,6 +66,21 @@ def test_gemv_variant_covers_decode_rows(dtype: str, device, M: int) -> None:
         assert "are gemv's" in (FAMILY.reject(shape, dtype, {**wide, **narrow}) or ""), narrow
 
 
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_gemv_default_tiles_are_valid_on_a_gpu(M: int, monkeypatch) -> None:
+    """gemv_default's GPU branch (the interpreter takes another): one column a program for one row,
+    R columns for R padded rows, the LM-head tile past 32768 columns; every tile in the gemv space
+    and its accumulator within the register rule, short K included."""
+    monkeypatch.setattr(gemm_module, "interpreting", lambda: False)
+    for N, K in ((2048, 2048), (3072, 2048), (128256, 2048), (37, 600), (64, 96)):
+        cfg = gemm_module.gemv_default(M, N, K)
+        assert cfg["BLOCK_N"] in gemm_module.GEMV_BLOCK_N and cfg["num_stages"] in (1, 4), cfg
+        assert cfg["BLOCK_K"] in (64, *gemm_module.GEMV_BLOCK_K) and cfg["BLOCK_K"] <= max(128, 1 << (K - 1).bit_length())
+        assert gemm_module.gemv_accumulator_reject(M, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) is None, cfg
+        want_n = 4 if N > 32768 else (1 if M == 1 else 1 << (M - 1).bit_length())
+        assert cfg["BLOCK_N"] == want_n, (N, cfg)
+
+
 def test_tma_variant_copies_unsupported_layouts(device) -> None:
     g = torch.Generator().manual_seed(4)
     a = torch.randn(32, 64, generator=g).to(device, torch.float16).t().contiguous().t()  # column-major
