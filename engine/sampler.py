@@ -23,8 +23,8 @@ def greedy_argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torc
     """``logits.argmax(dim=-1)`` [R] (int64) of logits [R, V], in two passes that keep the GPU busy.
 
     One row's argmax over a vocabulary of 128K is a single-output reduction, which PyTorch runs
-    on a few SMs: 27 us for one row of llama-3.2-1b's logits on an H200, a fifth of the time of the
-    LM head that computes them. Here each row is cut into C equal chunks (C the largest divisor of V
+    on a few SMs: 37 us for one row of llama-3.2-1b's logits on an H200 (cold L2), against 12 us
+    this way (results/bench_engine_nvidia_h200/windows_gemv/argmax.csv). Here each row is cut into C equal chunks (C the largest divisor of V
     that divides ARGMAX_CHUNKS): the first pass takes every chunk's maximum and its index (R x C
     outputs in parallel), the second the first chunk holding the row's maximum. Both passes return
     the first of equal maxima, so the result is the first maximum of the row, as argmax's.

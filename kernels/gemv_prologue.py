@@ -58,10 +58,12 @@ class GemvPrologueFamily(Family):
     def default_config(self, shape: Shape, dtype: str) -> Config:
         """``default_tile`` (the family's tuned winner at its costliest llama-3.2-1b decode shape,
         M = 1); for M > 1 its K step halved until the accumulator of M rows fits and 4 stages (the
-        winners tuned at M = 2 and 4 kept their warps, shortened the K step and took 4-5 stages). Unlike the plain GEMV's one column a program (``kernels.gemm.gemv_default``),
-        8 columns: every program recomputes the prologue over the whole row, so with one column the
-        prologue's loads cost as much as the weights' (on an H200, norm_gemv at 16384x2048 took 37 us
-        with one column, 21 us with 8)."""
+        winners tuned at M = 2 and 4 kept their warps, shortened the K step and took 4-5 stages).
+
+        8 columns a program, not the plain GEMV's one (``kernels.gemm.gemv_default``): every program
+        recomputes the prologue over the whole row, so with one column the prologue's loads cost as
+        much as the weights' (on an H200, norm_gemv at 16384x2048 took 37 us with one column, 21 us
+        with 8; results/bench_engine_nvidia_h200/windows_gemv/NOTES.md)."""
         M, _, _ = gemv_dims(self.name, shape)
         space = self.space(shape, dtype)
         cfg = dict(self.default_tile)
