@@ -126,8 +126,9 @@ class _Recorder:
         return self._do("rope", "rope", shape, "rope", q, k, positions, cos_sin)
 
     def rope_store(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
-        # As norm_linear: unfused, two recorded calls; fused, one, booked as "rope+kv_store".
-        if not self.ops.fuses_rope_store:
+        # As norm_linear: a backend keeping TorchOps' composition records two calls; one that
+        # overrides it (one kernel) records one, booked as "rope+kv_store".
+        if type(self.ops).rope_store is TorchOps.rope_store:
             return TorchOps.rope_store(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
         shape = {"tokens": q.shape[0], "heads_q": q.shape[1], "heads_kv": k.shape[1], "head_dim": q.shape[2],
                  "block_size": k_cache.shape[1]}

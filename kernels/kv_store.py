@@ -108,18 +108,12 @@ class KVStoreFamily(Family):
 
     def reference(self, inputs: dict) -> torch.Tensor:
         caches = torch.stack([inputs["k_cache"], inputs["v_cache"]]).double()
-        N, B, H, D = caches.shape[1:]
-        slots = inputs["slot_mapping"].long()
-        keep = slots >= 0
-        flat = caches.view(2, N * B, H, D)
-        flat[0, slots[keep]] = inputs["k"][keep].double()
-        flat[1, slots[keep]] = inputs["v"][keep].double()
+        kv_store_torch_padded(inputs["k"].double(), inputs["v"].double(), caches[0], caches[1], inputs["slot_mapping"])
         return caches
 
     def baseline(self, inputs: dict) -> torch.Tensor:
         caches = torch.stack([inputs["k_cache"], inputs["v_cache"]])
-        keep = inputs["slot_mapping"] >= 0
-        kv_store_torch(inputs["k"][keep], inputs["v"][keep], caches[0], caches[1], inputs["slot_mapping"][keep])
+        kv_store_torch_padded(inputs["k"], inputs["v"], caches[0], caches[1], inputs["slot_mapping"])
         return caches
 
     def tolerance(self, dtype: str, device: torch.device | str) -> float:
@@ -164,6 +158,14 @@ def kv_store_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     N, B, H, D = k_cache.shape
     k_cache.view(N * B, H, D).index_copy_(0, slot_mapping.long(), k)
     v_cache.view(N * B, H, D).index_copy_(0, slot_mapping.long(), v)
+
+
+def kv_store_torch_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    """:func:`kv_store_torch` of the tokens whose slot is not negative, as the kernel skips padding
+    (selecting them syncs with a GPU)."""
+    keep = slot_mapping >= 0
+    kv_store_torch(k[keep], v[keep], k_cache, v_cache, slot_mapping[keep])
 
 
 def check_store(fn: str, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from kernels import checks
-from kernels.kv_store import check_slots, check_store
+from kernels.kv_store import check_slots, check_store, kv_store_torch_padded
 from kernels.family import (
     Config, DTYPES, Family, Shape, dtype_name, next_pow2, occupancy_reject, positive_dims, tolerance, torch_dtype,
 )
@@ -234,12 +234,7 @@ class RopeFamily(Family):
         if "caches" not in inputs:
             return qk
         caches = inputs["caches"].to(k.dtype)
-        N, B, H, D = caches.shape[1:]
-        slots = inputs["slot_mapping"].long()
-        keep = slots >= 0
-        flat = caches.view(2, N * B, H, D)
-        flat[0, slots[keep]] = k[keep]
-        flat[1, slots[keep]] = inputs["v"][keep].to(k.dtype)
+        kv_store_torch_padded(k, inputs["v"].to(k.dtype), caches[0], caches[1], inputs["slot_mapping"])
         return torch.cat([qk.flatten(), caches.flatten()])
 
     def reference(self, inputs: dict) -> torch.Tensor:
@@ -360,11 +355,10 @@ def rope(
     if given and len(given) != len(store):
         raise ValueError(f"rope: the fused KV store needs v, k_cache, v_cache and slot_mapping; got only {given}")
     if given:
-        check_store(fn, k, v, k_cache, v_cache, slot_mapping)
+        check_store(fn, k, v, k_cache, v_cache, slot_mapping)  # k shares q's device, checked above
         if k_cache.stride() != v_cache.stride():
             raise ValueError(f"rope: k_cache and v_cache must have the same strides, got {k_cache.stride()} "
                              f"and {v_cache.stride()}")
-        checks.same_device(fn, q=q, k_cache=k_cache)
         check_slots(fn, slot_mapping, k_cache.shape[0] * k_cache.shape[1])
     positions = positions.contiguous()  # the kernel reads position t at offset t
     for name, t in (("q", q), ("k", k), ("cos_sin_cache", cos_sin_cache)):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.ops.paged_attention_torch import paged_attention
+from kernels.kv_store import kv_store_torch_padded
 
 
 class TorchOps:
@@ -88,13 +89,7 @@ class TorchOps:
         slot_mapping [T] (int): flat slot ``block * block_size + offset`` of each token; a negative
         slot (a padding row of the padded decode path) writes nothing, as in the kv_store kernel.
         """
-        num_blocks, block_size = k_cache.shape[:2]
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep]
-        k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = k[keep]
-        v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = v[keep]
-
-    fuses_rope_store = False  # rope_store is the two operators in turn
+        kv_store_torch_padded(k, v, k_cache, v_cache, slot_mapping)
 
     def rope_store(
         self,
@@ -107,8 +102,8 @@ class TorchOps:
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """:meth:`rope` on q and k, then :meth:`kv_store` of the rotated k and v. A backend may run
-        them as one kernel (``fuses_rope_store``)."""
+        """:meth:`rope` on q and k, then :meth:`kv_store` of the rotated k and v. A backend may
+        override it to run them as one kernel."""
         self.rope(q, k, positions, cos_sin)
         self.kv_store(k, v, k_cache, v_cache, slot_mapping)
 

@@ -169,21 +169,10 @@ class TritonOps(TorchOps):
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T]."""
         self._fn["rope"](q, k, positions, cos_sin)
 
-    fuses_rope_store = True
-
-    def rope_store(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        """q, k [T, H, D] rotated in place and the rotated k and v written into the caches at
-        slot_mapping [T] (negative: skipped), in one rope launch: the kv_store launch is saved."""
+    def rope_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+        """As TorchOps.rope_store, in one rope launch: the kv_store launch is saved."""
         self._fn["rope"](q, k, positions, cos_sin, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
