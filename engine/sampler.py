@@ -31,14 +31,21 @@ def greedy_argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torc
     Vocabularies with fewer than 16 such chunks take ``argmax`` directly. ``out``: an int64 [R]
     tensor to write the result into.
     """
-    R, V = logits.shape
-    chunks = math.gcd(V, ARGMAX_CHUNKS)
-    if chunks < 16:
+    if math.gcd(logits.shape[1], ARGMAX_CHUNKS) < 16:
         return torch.argmax(logits, dim=-1, out=out)
-    width = V // chunks
-    best, where = logits.reshape(R, chunks, width).max(dim=-1)  # [R, C] each
+    best, where, width = chunk_maxima(logits)
     chunk = best.argmax(dim=-1, keepdim=True)  # [R, 1]
     return torch.add(where.gather(1, chunk)[:, 0], chunk[:, 0], alpha=width, out=out)
+
+
+def chunk_maxima(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The first pass of :func:`greedy_argmax`: (best [R, C], where [R, C], width) for logits [R, V]
+    cut into C chunks of ``width`` (C the largest divisor of V dividing ARGMAX_CHUNKS): each chunk's
+    maximum and the index within the chunk of its first occurrence."""
+    R, V = logits.shape
+    chunks = math.gcd(V, ARGMAX_CHUNKS)
+    best, where = logits.reshape(R, chunks, V // chunks).max(dim=-1)
+    return best, where, V // chunks
 
 
 class Sampler:

@@ -1,0 +1,93 @@
+"""The two small kernels of the batch-1 decode path: the greedy advance of a decode window's step
+(kernels.greedy_advance) and the L2 prefetch (kernels.l2_prefetch). On the CPU the advance runs in
+Triton's interpreter and the prefetch launches nothing; with --gpu both run on CUDA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.sampler import chunk_maxima
+from kernels.greedy_advance import greedy_advance
+from kernels.l2_prefetch import l2_prefetch, supported
+
+
+def _buffers(device, rows=5, width=6, block_size=4):
+    g = torch.Generator().manual_seed(3)
+    tables = torch.stack([torch.randperm(40, generator=g)[:width] for _ in range(rows)]).to(torch.int32)
+    positions = torch.tensor([0, 3, 7, 22, 0][:rows], dtype=torch.int64)
+    slots = tables[torch.arange(rows), positions // block_size].long() * block_size + positions % block_size
+    slots[-1] = -1  # a padding row
+    return {"ids": torch.full((rows,), 11, dtype=torch.int64).to(device), "positions": positions.to(device),
+            "context_lens": (positions + 1).to(torch.int32).to(device), "slots": slots.to(device),
+            "block_tables": tables.to(device)}
+
+
+@pytest.mark.parametrize("vocab", [1024, 1000, 96])
+def test_greedy_advance_picks_argmax_and_moves_real_rows_only(vocab, device):
+    """Tokens equal torch.argmax, the first of ties included, for 256, 8 and 32 chunks; real rows
+    advance one position (ids, positions, context lengths, the slot through the block table, a
+    block boundary crossed), the padding row (slot -1) keeps every buffer; without ``advance``
+    only the tokens are written."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=g).to(torch.bfloat16).float()
+    top = logits.max() + 1
+    logits[1, [vocab - 1, 3]] = top
+    logits[2, [7, 8]] = top
+    logits[3] = 0.0
+    logits = logits.to(device)
+    want = logits.argmax(dim=-1)
+    bufs = _buffers(device)
+    before = {k: v.clone() for k, v in bufs.items()}
+    tokens = torch.full((5,), -7, dtype=torch.int64, device=device)
+    greedy_advance(*chunk_maxima(logits), tokens, advance=False, block_size=4, **bufs)
+    assert torch.equal(tokens, want)
+    assert all(torch.equal(bufs[k], before[k]) for k in bufs)
+    tokens.fill_(-7)
+    greedy_advance(*chunk_maxima(logits), tokens, advance=True, block_size=4, **bufs)
+    assert torch.equal(tokens, want)
+    p = before["positions"][:4] + 1
+    assert torch.equal(bufs["ids"][:4], want[:4])
+    assert torch.equal(bufs["positions"][:4], p)
+    assert torch.equal(bufs["context_lens"][:4], before["context_lens"][:4] + 1)
+    rows = torch.arange(4, device=device)
+    assert torch.equal(bufs["slots"][:4], bufs["block_tables"][rows, p // 4].long() * 4 + p % 4)
+    assert bufs["slots"][1] // 4 != before["slots"][1] // 4  # position 3 -> 4 crossed into another block
+    for k in bufs:
+        assert torch.equal(bufs[k][4], before[k][4]), k
+
+
+def test_greedy_advance_bad_input(device):
+    logits = torch.randn(2, 512, device=device)
+    bufs = _buffers(device, rows=2)
+    best, where, width = chunk_maxima(logits)
+    tokens = torch.empty(2, dtype=torch.int64, device=device)
+    with pytest.raises(TypeError, match="context_lens must be torch.int32"):
+        greedy_advance(best, where, width, tokens, advance=True, block_size=4,
+                       **{**bufs, "context_lens": bufs["context_lens"].long()})
+    with pytest.raises(ValueError, match="tokens has shape"):
+        greedy_advance(best, where, width, tokens[:1], advance=True, block_size=4, **bufs)
+    with pytest.raises(TypeError, match="best must be float32"):
+        greedy_advance(best.half(), where, width, tokens, advance=True, block_size=4, **bufs)
+    with pytest.raises(ValueError, match="block_size"):
+        greedy_advance(best, where, width, tokens, advance=True, block_size=0, **bufs)
+
+
+def test_l2_prefetch_changes_nothing_and_checks_its_input(device):
+    """A prefetch of two tensors' leading bytes (one region clipped to its tensor, one empty) leaves
+    every value as it was; on the CPU it launches nothing. Bad input: a clear error."""
+    a = torch.randn(1 << 16, device=device)
+    b = torch.randn(3000, device=device)
+    a0, b0 = a.clone(), b.clone()
+    assert supported(a) == (device.type == "cuda" and torch.cuda.get_device_capability()[0] >= 9)
+    l2_prefetch(a, 100_000, b, 1 << 30)
+    l2_prefetch(a, 0, b, 4096)
+    l2_prefetch(a, 1 << 20)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+    with pytest.raises(ValueError, match="contiguous"):
+        l2_prefetch(a.view(256, 256).t(), 1024)
+    with pytest.raises(TypeError, match="b must be a torch.Tensor"):
+        l2_prefetch(a, 1024, [1, 2], 1024)
+    with pytest.raises(ValueError, match="aligned"):
+        l2_prefetch(a[1:], 1024)
