@@ -19,11 +19,13 @@ Block-table rows are kept on the host and rewritten only where they changed: a r
 sequence's block list object and its length (the block manager only appends to a list, and a
 preemption gives the sequence a new one), so a step writes the blocks a sequence gained.
 
-A multi-step decode window (:meth:`run_window`) of ``window_steps`` steps runs as one more CUDA
-graph per bucket: the window's forward passes back to back, each followed by the greedy token's
-chunk maxima (``engine.sampler.chunk_maxima``) and ``kernels.greedy_advance``, which picks the
-tokens and advances ids, positions, context lengths and slots on the device. A window of other
-lengths replays the step graph once a step with the same advance in between.
+A multi-step decode window (:meth:`run_window`) replays the bucket's graph once a step; after each,
+the greedy tokens' chunk maxima (``engine.sampler.chunk_maxima``) and ``kernels.greedy_advance``
+pick the tokens and advance ids, positions, context lengths and slots on the device. (One graph
+for a whole window of 8 steps served slower on an H200, 1.01-1.04 against 0.99-1.00 ms a step:
+results/bench_engine_nvidia_h200/prefetch_window/NOTES.md. The host launching the next step's
+graph while the GPU runs the current one hides its launch; a graph of 8 steps' ~950 kernels is
+launched while the GPU waits.)
 
 Without capture (on a CPU, or to test the padding) the same padded step runs eagerly.
 """
@@ -64,7 +66,6 @@ class DecodeGraphs:
         max_context_len: int,
         block_size: int,
         capture: bool,
-        window_steps: int = 1,
     ) -> None:
         if capture and k_caches.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the KV cache is on {k_caches.device}")
@@ -93,9 +94,6 @@ class DecodeGraphs:
         self._np = tuple(t.numpy() for t in self._host)
         self._rows: list[tuple[list[int], int] | None] = [None] * n  # (block list, blocks written) per row
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.window_steps = window_steps
-        self.tokens = torch.zeros(window_steps, n, dtype=torch.int64, device=dev)  # a window's greedy tokens
-        self._windows: dict[int, torch.cuda.CUDAGraph] = {}  # bucket -> graph of a window_steps window
         if capture:
             self._capture()
 
@@ -134,16 +132,6 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self._forward(size)
                 self._graphs[size] = (graph, logits)
-            if self.window_steps > 1:
-                # The buffers hold padding rows only (slot -1): the advance moves nothing, nothing is stored.
-                self._advance(self._launch(self.sizes[-1]), self.sizes[-1], self.tokens[0], True)  # compiles it
-                for size in reversed(self.sizes):
-                    torch.cuda.synchronize(self.k_caches.device)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        for j in range(self.window_steps):
-                            self._advance(self._forward(size), size, self.tokens[j], j + 1 < self.window_steps)
-                    self._windows[size] = graph
         torch.cuda.synchronize(self.k_caches.device)
 
     def _fill(self, seqs: list[Sequence], size: int) -> None:
@@ -185,10 +173,10 @@ class DecodeGraphs:
         return self._launch(size)[: len(seqs)]
 
     def _advance(self, logits: torch.Tensor, size: int, tokens: torch.Tensor, advance: bool) -> None:
-        """Greedy tokens of a step's logits [size, V] into ``tokens`` [>= size] and, with ``advance``,
+        """Greedy tokens of a step's logits [size, V] into ``tokens`` [size] and, with ``advance``,
         the static buffers' real rows moved to their next decode step (kernels.greedy_advance)."""
         best, where, width = chunk_maxima(logits)
-        greedy_advance(best, where, width, tokens[:size], advance=advance, ids=self.ids[:size],
+        greedy_advance(best, where, width, tokens, advance=advance, ids=self.ids[:size],
                        positions=self.positions[:size], context_lens=self.context_lens[:size],
                        slots=self.slots[:size], block_tables=self.block_tables[:size], block_size=self.block_size)
 
@@ -198,20 +186,14 @@ class DecodeGraphs:
 
         Step 0 is :meth:`run`'s step; after each step the device picks the tokens and advances the
         static buffers (input ids take the tokens, positions and context lengths grow by one, slots
-        follow the block tables), so nothing waits for the host within the window. A window of
-        ``window_steps`` steps replays the bucket's window graph; other lengths replay the step
-        graph once a step. The result is a view of a buffer the next window overwrites: the caller
-        reads it at once (one host sync for the window)."""
+        follow the block tables), so nothing waits for the host within the window: the caller reads
+        the tokens once, at the end."""
         b, size = len(seqs), self.bucket(len(seqs))
         self._fill(seqs, size)
-        tokens = self.tokens if steps <= self.window_steps else torch.empty(steps, self.max_batch, dtype=torch.int64,
-                                                                             device=self.ids.device)
-        if steps == self.window_steps and size in self._windows:
-            self._windows[size].replay()
-        else:
-            for j in range(steps):
-                self._advance(self._launch(size), size, tokens[j], j + 1 < steps)
-        return tokens[:steps, :b]
+        tokens = torch.empty(steps, size, dtype=torch.int64, device=self.ids.device)
+        for j in range(steps):
+            self._advance(self._launch(size), size, tokens[j], j + 1 < steps)
+        return tokens[:, :b]
 
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> Callable[[], torch.Tensor]:
         """Copy a decode step's device inputs (B sequences, one token each; block tables no wider

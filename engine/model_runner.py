@@ -12,7 +12,8 @@ The KV cache is one tensor per K and V: [num_layers, num_blocks, block_size, Hkv
 
 A step whose sequences all decode (one token each) replays a CUDA graph of its batch-size bucket
 instead (engine/cuda_graphs.py), when the graphs were captured (``capture_decode_graphs``); a
-multi-step decode window (``run_window``) chains the greedy tokens on the device, as one graph.
+multi-step decode window (``run_window``) replays it once a step, chaining the greedy tokens on
+the device.
 """
 from __future__ import annotations
 
@@ -118,14 +119,12 @@ class ModelRunner:
             )
         return min(cap, blocks)
 
-    def capture_decode_graphs(self, sizes: list[int], max_context_len: int, *, capture: bool = True,
-                              window_steps: int = 1) -> None:
+    def capture_decode_graphs(self, sizes: list[int], max_context_len: int, *, capture: bool = True) -> None:
         """Decode steps of up to ``max(sizes)`` sequences run padded to a size of ``sizes`` over
-        static buffers, replayed as CUDA graphs (``capture``; CUDA only) or run eagerly; with
-        ``window_steps`` > 1, decode windows of that many steps are captured as one graph each."""
+        static buffers, replayed as CUDA graphs (``capture``; CUDA only) or run eagerly."""
         self.graphs = None
         self.graphs = DecodeGraphs(self.model, self.k_caches, self.v_caches, sizes=sizes, max_context_len=max_context_len,
-                                   block_size=self.block_size, capture=capture, window_steps=window_steps)
+                                   block_size=self.block_size, capture=capture)
 
     def dummy_inputs(self, num_seqs: int, query_len: int, context_len: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input_ids, positions, metadata) of a step of ``num_seqs`` sequences, each feeding its last

@@ -121,10 +121,6 @@ class _Recorder:
         shape = {"M": gate_up.shape[0], "N": weight.shape[0], "K": weight.shape[1]}
         return self._do(self.weight_names[weight.data_ptr()], "silu_gemv", shape, "silu_linear", gate_up, weight)
 
-    def prefetch(self, first, then, rows):
-        # A hint with no output of its own: forwarded, not booked (its kernel shows in the graph timeline).
-        return self.ops.prefetch(first, then, rows=rows)
-
     def rope(self, q, k, positions, cos_sin):
         shape = {"tokens": q.shape[0], "heads_q": q.shape[1], "heads_kv": k.shape[1], "head_dim": q.shape[2]}
         return self._do("rope", "rope", shape, "rope", q, k, positions, cos_sin)

@@ -102,7 +102,6 @@ class LlamaModel:
             q = q.reshape(T, cfg.num_heads, cfg.head_dim)
             k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-            ops.prefetch(layer.o, layer.gate_up, rows=T)  # read after rope and attention, which leave the bus idle
             ops.rope_store(q, k, v, positions, self.cos_sin, k_caches[i], v_caches[i], meta.slot_mapping)
             attn = ops.paged_attention(
                 q,

@@ -56,11 +56,6 @@ class TorchOps:
         run them as one kernel."""
         return self.linear(self.silu_mul(gate_up), weight)
 
-    def prefetch(self, first: torch.Tensor, then: torch.Tensor, rows: int) -> None:
-        """A hint from the model, in a step of ``rows`` tokens: the weights ``first`` and ``then`` are
-        what its next linear layers read, after some operators that barely use the memory bus.
-        Nothing here; a backend may start loading them into cache."""
-
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T] (int).
 

@@ -47,7 +47,6 @@ from engine.ops import CONFIG_MODES
 from engine.ops.torch_ops import TorchOps
 from kernels.family import Config, dtype_name
 from kernels.gemm import GEMV_MAX_M
-from kernels.l2_prefetch import l2_prefetch
 
 FAMILIES = ("gemm", "rmsnorm", "norm_gemv", "rope", "silu_mul", "silu_gemv", "attention_paged")
 
@@ -66,7 +65,6 @@ class TritonOps(TorchOps):
     """Operators of the Llama forward pass on kernels/ families (see the module docstring)."""
 
     name = "triton"
-    l2_prefetch_bytes = 0  # see prefetch
 
     def __init__(self, configs: str = "tuned", cache_path: str | os.PathLike | None = None) -> None:
         if configs not in CONFIG_MODES:
@@ -166,15 +164,6 @@ class TritonOps(TorchOps):
         out = gate_up.new_empty(gate_up.shape[0], weight.shape[0])
         self._fn["silu_gemv"](gate_up, weight, out=out)
         return out
-
-    def prefetch(self, first: torch.Tensor, then: torch.Tensor, rows: int) -> None:
-        """In decode steps (up to GEMV_MAX_M rows, where the GEMVs stream their weights once), start
-        loading the first ``l2_prefetch_bytes`` of ``first`` then ``then`` into L2
-        (kernels.l2_prefetch), so that the memory bus works while attention runs."""
-        budget = self.l2_prefetch_bytes
-        if budget > 0 and rows <= GEMV_MAX_M:
-            head = min(budget, first.numel() * first.element_size())
-            l2_prefetch(first, head, then, budget - head)
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T]."""

@@ -1,6 +1,5 @@
-"""The two small kernels of the batch-1 decode path: the greedy advance of a decode window's step
-(kernels.greedy_advance) and the L2 prefetch (kernels.l2_prefetch). On the CPU the advance runs in
-Triton's interpreter and the prefetch launches nothing; with --gpu both run on CUDA."""
+"""kernels.greedy_advance, the device half of a decode window's step: in Triton's interpreter on the
+CPU, on CUDA with --gpu."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +7,6 @@ import torch
 
 from engine.sampler import chunk_maxima
 from kernels.greedy_advance import greedy_advance
-from kernels.l2_prefetch import l2_prefetch, supported
 
 
 def _buffers(device, rows=5, width=6, block_size=4):
@@ -70,24 +68,3 @@ def test_greedy_advance_bad_input(device):
         greedy_advance(best.half(), where, width, tokens, advance=True, block_size=4, **bufs)
     with pytest.raises(ValueError, match="block_size"):
         greedy_advance(best, where, width, tokens, advance=True, block_size=0, **bufs)
-
-
-def test_l2_prefetch_changes_nothing_and_checks_its_input(device):
-    """A prefetch of two tensors' leading bytes (one region clipped to its tensor, one empty) leaves
-    every value as it was; on the CPU it launches nothing. Bad input: a clear error."""
-    a = torch.randn(1 << 16, device=device)
-    b = torch.randn(3000, device=device)
-    a0, b0 = a.clone(), b.clone()
-    assert supported(a) == (device.type == "cuda" and torch.cuda.get_device_capability()[0] >= 9)
-    l2_prefetch(a, 100_000, b, 1 << 30)
-    l2_prefetch(a, 0, b, 4096)
-    l2_prefetch(a, 1 << 20)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    assert torch.equal(a, a0) and torch.equal(b, b0)
-    with pytest.raises(ValueError, match="contiguous"):
-        l2_prefetch(a.view(256, 256).t(), 1024)
-    with pytest.raises(TypeError, match="b must be a torch.Tensor"):
-        l2_prefetch(a, 1024, [1, 2], 1024)
-    with pytest.raises(ValueError, match="aligned"):
-        l2_prefetch(a[1:], 1024)
