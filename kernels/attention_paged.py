@@ -24,7 +24,7 @@ import torch
 
 from kernels import attention
 from kernels.attention_prefill import MAX_FP32_REGS, head_dim_pad, nearest_config, sdpa_reference
-from kernels.device import device_facts
+from kernels.device import device_facts, programmatic_launch
 from kernels.family import Config, Family, Shape, next_pow2, positive_dims, torch_dtype
 
 _KEYS = ("batch", "query_len", "context_len", "heads_q", "heads_kv", "head_dim", "block_size")
@@ -143,6 +143,7 @@ class PagedFamily(Family):
             "NUM_WARPS": config["num_warps"],
             "NUM_STAGES": config["num_stages"],
             "FP32": dtype == "float32",
+            "PDL": programmatic_launch(),
         }
 
     # --- running --------------------------------------------------------------------------------

@@ -113,6 +113,20 @@ def device_facts(device: str | torch.device | None = None) -> DeviceFacts:
     return _ASSUMED[-1] if _ASSUMED else _probe(device)
 
 
+def programmatic_launch() -> bool:
+    """Whether the decode path's kernels launch with programmatic dependent launch (PDL): on a GPU of
+    compute capability 9.0 or more (Hopper's ``griddepcontrol``), unless ``WORKBENCH_PDL=0``.
+
+    Such a kernel may start while the kernel before it in the stream still runs, once all of that
+    kernel's programs have passed their own wait. It loads what does not depend on its
+    predecessor (a GEMV's first weight tile), then ``gdc_wait`` blocks until the predecessor has
+    finished and its writes are visible; every other load and every store comes after the wait.
+    Right after the wait it lets its own successor start, so at most one kernel waits ahead.
+    A kernel launched without PDL (PyTorch's) is simply waited for, as usual.
+    """
+    return device_facts().capability[0] >= 9 and os.environ.get("WORKBENCH_PDL", "1") != "0"
+
+
 @functools.lru_cache(maxsize=None)
 def _probe(device: str | torch.device | None) -> DeviceFacts:
     dev = torch.device(device) if device is not None else default_device()

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from kernels.device import device_facts, interpreting
+from kernels.device import device_facts, interpreting, programmatic_launch
 from kernels.family import Config, Family, Shape, dtype_name, is_pow2, next_pow2, positive_dims, torch_dtype
 
 VARIANTS = ("tiled", "splitk", "persistent", "tma", "tma_persistent", "tma_persistent_subtile", "tma_stream_k",
@@ -314,6 +314,7 @@ class GemmFamily(Family):
         else:
             if config["variant"] == "gemv":
                 facts["ROWS"] = next_pow2(M)
+                facts["PDL"] = programmatic_launch()
             facts["EVEN_K"] = K % (config["BLOCK_K"] * config["SPLIT_K"]) == 0
             facts["EVEN_N"] = N % config["BLOCK_N"] == 0
             facts["INDEX_64"] = max(M * K, K * N, M * N) > _INT32_MAX

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kernels.device import programmatic_launch
 from kernels.family import Config, Family, Shape, next_pow2, positive_dims, tolerance, torch_dtype
 from kernels.gemm import GEMV_BLOCK_K, GEMV_BLOCK_N, GEMV_MAX_M, gemv_accumulator_reject
 
@@ -77,7 +78,7 @@ class GemvPrologueFamily(Family):
 
     def tile_facts(self, shape: Shape, config: Config) -> dict[str, Any]:
         """The template facts every such family has: the prologue, padded rows, tile, K and N
-        evenness, launch."""
+        evenness, launch (programmatic dependent launch included)."""
         M, N, K = gemv_dims(self.name, shape)
         return {
             "PROLOGUE": self.prologue,
@@ -88,6 +89,7 @@ class GemvPrologueFamily(Family):
             "EVEN_N": N % config["BLOCK_N"] == 0,
             "NUM_WARPS": config["num_warps"],
             "NUM_STAGES": config["num_stages"],
+            "PDL": programmatic_launch(),
         }
 
     def tolerance(self, dtype: str, device: torch.device | str) -> float:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kernels import checks
+from kernels.device import programmatic_launch
 from kernels.family import Config, Family, Shape, dtype_name, next_pow2, occupancy_reject, positive_dims, tolerance, torch_dtype
 
 VARIANTS = ("row", "chunked")
@@ -80,6 +81,7 @@ class RMSNormFamily(Family):
             "RESIDUAL": residual,
             "EVEN_H": H % config["BLOCK_H"] == 0,
             "NUM_WARPS": config["num_warps"],
+            "PDL": programmatic_launch(),
         }
 
     # --- running ------------------------------------------------------------------------------

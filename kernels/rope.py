@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from kernels import checks
+from kernels.device import programmatic_launch
 from kernels.kv_store import check_slots, check_store, kv_store_torch_padded
 from kernels.family import (
     Config, DTYPES, Family, Shape, dtype_name, next_pow2, occupancy_reject, positive_dims, tolerance, torch_dtype,
@@ -162,6 +163,7 @@ class RopeFamily(Family):
             "STORE": _store_block(shape) is not None,
             "BLOCK_SIZE": _store_block(shape),
             "NUM_WARPS": config["num_warps"],
+            "PDL": programmatic_launch(),
         }
 
     # --- running ------------------------------------------------------------------------------
