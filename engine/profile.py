@@ -256,28 +256,35 @@ def kernel_label(name: str) -> str:
 def timeline_rows(events: list[tuple[str, float, float]], replays: int) -> pd.DataFrame:
     """The kernels of ``replays`` replays of one CUDA graph, from profiler events (name, start µs,
     end µs) in any order: one row per kernel -- ``replay``, ``position`` in it, ``kernel`` (its
-    :func:`kernel_label`),
-    ``start_us`` from the replay's first kernel, ``dur_us``, and ``gap_us``, the idle time since
-    the previous kernel of the replay ended (NaN for the first)."""
+    :func:`kernel_label`), ``start_us`` from the replay's first kernel, ``dur_us`` (end - start),
+    ``own_us`` and ``gap_us``.
+
+    Kernels launched with programmatic dependent launch start before the one before them ends and
+    wait, so durations overlap. Each kernel is therefore given only the time after every earlier
+    kernel of the replay has ended: ``own_us`` = end - max(start, that end), ``gap_us`` = the idle
+    time before it (0 when it started early; NaN for the first). Summed over a replay, the two
+    make its span."""
     if replays < 1 or len(events) % replays:
         raise ValueError(f"timeline_rows: {len(events)} kernel events do not split into {replays} equal replays")
     per = len(events) // replays
-    rows, first, prev_end = [], 0.0, 0.0
+    rows, first, done = [], 0.0, 0.0
     for i, (name, start, end) in enumerate(sorted(events, key=lambda e: e[1])):
         position = i % per
         if position == 0:
-            first = start
+            first = done = start
         rows.append({"replay": i // per, "position": position, "kernel": kernel_label(name), "start_us": start - first,
-                     "dur_us": end - start, "gap_us": start - prev_end if position else float("nan")})
-        prev_end = end
-    return pd.DataFrame(rows, columns=["replay", "position", "kernel", "start_us", "dur_us", "gap_us"])
+                     "dur_us": end - start, "own_us": max(0.0, end - max(start, done)),
+                     "gap_us": max(0.0, start - done) if position else float("nan")})
+        done = max(done, end)
+    return pd.DataFrame(rows, columns=["replay", "position", "kernel", "start_us", "dur_us", "own_us", "gap_us"])
 
 
 def timeline_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per kernel name, medians over the replays of :func:`timeline_rows`: ``calls`` per replay,
-    ``busy_us`` (its kernels' summed durations), ``gap_us`` (idle time before them) and ``share``
-    of the replay's span; then a ``graph replay`` row with the span (first start to last end)."""
-    per = rows.groupby(["replay", "kernel"]).agg(calls=("dur_us", "size"), busy_us=("dur_us", "sum"),
+    ``busy_us`` (its kernels' summed ``own_us``: the time each ran after the kernels before it had
+    ended), ``gap_us`` (idle time before them) and ``share`` of the replay's span; then a
+    ``graph replay`` row with the span (first start to last end)."""
+    per = rows.groupby(["replay", "kernel"]).agg(calls=("own_us", "size"), busy_us=("own_us", "sum"),
                                                  gap_us=("gap_us", "sum"))
     out = per.groupby("kernel").median().sort_values("busy_us", ascending=False)
     span = float((rows["start_us"] + rows["dur_us"]).groupby(rows["replay"]).max().median())

@@ -85,12 +85,25 @@ def test_timeline_rows_split_replays_and_measure_gaps():
     assert rows["start_us"].tolist() == [0.0, 12.0, 16.0, 0.0, 11.0, 15.0]
     assert rows["dur_us"].tolist() == [10.0, 3.0, 1.0, 9.0, 2.0, 2.0]
     assert math.isnan(rows["gap_us"][0]) and rows["gap_us"][1:3].tolist() == [2.0, 1.0] and rows["gap_us"][4:].tolist() == [2.0, 2.0]
+    assert rows["own_us"].tolist() == rows["dur_us"].tolist()  # no overlap
     summary = timeline_summary(rows).set_index("kernel")
     assert summary.loc["a", "busy_us"] == 9.5 and summary.loc["b", "gap_us"] == 2.0 and summary.loc["at::native::c_kernel", "calls"] == 1
     assert summary.loc["graph replay", "busy_us"] == 17.0  # median span of 17 and 17
     assert summary.loc["a", "share"] == pytest.approx(9.5 / 17.0)
     with pytest.raises(ValueError, match="equal replays"):
         timeline_rows(events[:5], replays=2)
+
+
+def test_timeline_gives_overlapping_kernels_only_their_own_time():
+    """Programmatic dependent launch: b starts (and waits) while a runs, c while b runs; each is
+    given the time after the kernels before it ended, so the times and gaps sum to the span."""
+    events = [("a", 0.0, 10.0), ("b", 4.0, 13.0), ("c", 12.0, 14.0), ("d", 16.0, 17.0)]
+    rows = timeline_rows(events, replays=1)
+    assert rows["own_us"].tolist() == [10.0, 3.0, 1.0, 1.0]
+    assert rows["gap_us"][1:].tolist() == [0.0, 0.0, 2.0]
+    summary = timeline_summary(rows).set_index("kernel")
+    assert summary.loc["graph replay", "busy_us"] == 17.0
+    assert summary.drop("graph replay")["busy_us"].sum() + summary.drop("graph replay")["gap_us"].sum() == 17.0
 
 
 @pytest.mark.gpu

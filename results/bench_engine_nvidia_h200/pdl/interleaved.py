@@ -1,0 +1,85 @@
+"""Programmatic dependent launch on and off in one process, interleaved (NOTES.md): the batch-1
+decode of llama-3.2-1b (random init, bfloat16, CUDA graphs, windows of 8 steps). For each of 3
+rounds of (on, off), the families' emitted modules are reloaded with the setting
+(``WORKBENCH_PDL``) and the graphs recaptured; then the decode graph's span at context 512, the
+served time per step of a 128-token prompt generating 129 tokens (3 runs), and the GPU timeline of
+one served window (its span, and the idle time between its kernels). Writes OUT/interleaved.json.
+
+Run from the repository root on a GPU: PYTHONPATH=. python3 results/bench_engine_nvidia_h200/pdl/interleaved.py OUT
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+from omegaconf import OmegaConf
+from torch.autograd import DeviceType
+
+import kernels
+from engine import LLM, SamplingParams
+from engine.cuda_graphs import batch_buckets
+from engine.profile import graph_timeline, timeline_rows, timeline_summary
+from experiments.bench_engine import ensure_checkpoint
+from experiments.suite import copy_bandwidth_gbps
+
+FAMILIES = ("gemm", "norm_gemv", "silu_gemv", "rope", "attention_paged", "rmsnorm")
+
+
+def served(llm: LLM, prompt: list[int], params: SamplingParams, profile: bool = False) -> tuple[float, dict]:
+    walls, window = [], {}
+    llm.add_request(prompt, params)
+    llm.step()  # prefill
+    while llm.has_unfinished():
+        torch.cuda.synchronize()
+        if profile and len(walls) == 4:  # one window in the middle of the request
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                llm.step()
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) * 1e3
+            events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                      if e.device_type == DeviceType.CUDA]
+            rows = timeline_rows(events, 1)
+            window = {"steps": llm.last_batch.num_steps, "wall_ms": wall, "kernels": len(rows),
+                      "gpu_span_us": float((rows.start_us + rows.dur_us).max()), "idle_us": float(rows.gap_us.sum()),
+                      "largest_gaps": rows.nlargest(6, "gap_us")[["position", "kernel", "gap_us"]].to_dict("records")}
+            walls.append((wall, llm.last_batch.num_steps))
+            continue
+        t0 = time.perf_counter()
+        llm.step()
+        walls.append(((time.perf_counter() - t0) * 1e3, llm.last_batch.num_steps))
+    return sum(w for w, _ in walls) / sum(n for _, n in walls), window
+
+
+def main(out: str) -> None:
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
+                 "copy_GBps": copy_bandwidth_gbps(), "rounds": []}
+    model = OmegaConf.load("conf/model/llama-3.2-1b.yaml")
+    path = ensure_checkpoint(OmegaConf.create({"checkpoint_dir": None, "checkpoint_root": "results/runs/checkpoints"}),
+                             model, "bfloat16")
+    llm = LLM(path, dtype="bfloat16", max_num_seqs=8, max_model_len=1024, num_decode_steps=8, gpu_memory_utilization=0.3)
+    res["floor_ms"] = llm.runner.model.weights.decode_bytes() / (res["copy_GBps"] * 1e6)
+    prompt = torch.randint(10, 1000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=129, ignore_eos=True)
+    ids, positions, meta = llm.runner.dummy_inputs(1, 1, 512)
+    for rnd in range(3):
+        for pdl in ("1", "0"):
+            os.environ["WORKBENCH_PDL"] = pdl
+            for f in FAMILIES:
+                kernels.get_family(f)._resolved.clear()
+            llm.runner.capture_decode_graphs(batch_buckets(8), llm.max_model_len)
+            tokens = llm.generate([prompt], [params], use_tqdm=False)[0].token_ids  # first calls
+            span = timeline_summary(graph_timeline(llm.runner.graphs.load(ids, positions, meta), replays=10))
+            walls = [served(llm, prompt, params)[0] for _ in range(3)]
+            _, window = served(llm, prompt, params, profile=True)
+            row = {"round": rnd, "pdl": pdl == "1", "graph_span_us": float(span.busy_us.iloc[-1]),
+                   "served_ms_per_step": walls, "window": window, "tokens": tokens}
+            res["rounds"].append(row)
+            print({k: v for k, v in row.items() if k != "tokens"}, flush=True)
+            json.dump(res, open(os.path.join(out, "interleaved.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
