@@ -115,7 +115,8 @@ def device_facts(device: str | torch.device | None = None) -> DeviceFacts:
 
 def programmatic_launch() -> bool:
     """Whether the decode path's kernels launch with programmatic dependent launch (PDL): on a GPU of
-    compute capability 9.0 or more (Hopper's ``griddepcontrol``), unless ``WORKBENCH_PDL=0``.
+    compute capability 9.0 or more (Hopper's ``griddepcontrol``), unless ``WORKBENCH_PDL=0``; never
+    under the interpreter, which has no such instruction (even with a Hopper's facts assumed).
 
     Such a kernel may start while the kernel before it in the stream still runs, once all of that
     kernel's programs have passed their own wait. It loads what does not depend on its
@@ -124,7 +125,8 @@ def programmatic_launch() -> bool:
     Right after the wait it lets its own successor start, so at most one kernel waits ahead.
     A kernel launched without PDL (PyTorch's) is simply waited for, as usual.
     """
-    return device_facts().capability[0] >= 9 and os.environ.get("WORKBENCH_PDL", "1") != "0"
+    return (not interpreting() and device_facts().capability[0] >= 9
+            and os.environ.get("WORKBENCH_PDL", "1") != "0")
 
 
 @functools.lru_cache(maxsize=None)
