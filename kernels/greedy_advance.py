@@ -14,7 +14,7 @@ a real row (slot >= 0) moves to its next position p + 1: ids = token, positions 
 grow by one, and slots = block_tables[row, (p + 1) // block_size] * block_size + (p + 1) % block_size
 (its blocks were grown for the window beforehand). Padding rows (slot -1) stay as they are, so
 they keep writing nothing to the cache. A step thus needs no host work between the forward passes
-of a window, which can then run as one CUDA graph.
+of a window.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def greedy_advance_kernel(best_ptr, where_ptr, C, width, tokens_ptr, ids_ptr, po
         slot = tl.load(slot_ptr + row)
         if slot >= 0:
             p = tl.load(pos_ptr + row) + 1
-            # Past the table's end only after a window's last step, whose slot nobody uses: clamped.
+            # Clamped, not read past the table, should a caller advance beyond the blocks it grew.
             block = tl.load(bt_ptr + row * bt_stride + tl.minimum(p // block_size, bt_width - 1)).to(tl.int64)
             tl.store(ids_ptr + row, token)
             tl.store(pos_ptr + row, p)

@@ -23,33 +23,30 @@ from engine.profile import graph_timeline, timeline_rows, timeline_summary
 from experiments.bench_engine import ensure_checkpoint
 from experiments.suite import copy_bandwidth_gbps
 
+from ab import served_ms_per_step  # this folder's A/B script (the script's folder is on sys.path)
+
 FAMILIES = ("gemm", "norm_gemv", "silu_gemv", "rope", "attention_paged", "rmsnorm")
 
 
-def served(llm: LLM, prompt: list[int], params: SamplingParams, profile: bool = False) -> tuple[float, dict]:
-    walls, window = [], {}
+def profile_window(llm: LLM, prompt: list[int], params: SamplingParams) -> dict:
+    """Serve one request; the GPU timeline of its fifth decode call (a window in its middle)."""
     llm.add_request(prompt, params)
-    llm.step()  # prefill
-    while llm.has_unfinished():
-        torch.cuda.synchronize()
-        if profile and len(walls) == 4:  # one window in the middle of the request
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                t0 = time.perf_counter()
-                llm.step()
-                torch.cuda.synchronize()
-                wall = (time.perf_counter() - t0) * 1e3
-            events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                      if e.device_type == DeviceType.CUDA]
-            rows = timeline_rows(events, 1)
-            window = {"steps": llm.last_batch.num_steps, "wall_ms": wall, "kernels": len(rows),
-                      "gpu_span_us": float((rows.start_us + rows.dur_us).max()), "idle_us": float(rows.gap_us.sum()),
-                      "largest_gaps": rows.nlargest(6, "gap_us")[["position", "kernel", "gap_us"]].to_dict("records")}
-            walls.append((wall, llm.last_batch.num_steps))
-            continue
+    for _ in range(5):  # the prefill and four decode calls
+        llm.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         llm.step()
-        walls.append(((time.perf_counter() - t0) * 1e3, llm.last_batch.num_steps))
-    return sum(w for w, _ in walls) / sum(n for _, n in walls), window
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    steps = llm.last_batch.num_steps
+    while llm.has_unfinished():
+        llm.step()
+    rows = timeline_rows([(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                          if e.device_type == DeviceType.CUDA], 1)
+    return {"steps": steps, "wall_ms": wall, "kernels": len(rows),
+            "gpu_span_us": float((rows.start_us + rows.dur_us).max()), "idle_us": float(rows.gap_us.sum()),
+            "largest_gaps": rows.nlargest(6, "gap_us")[["position", "kernel", "gap_us"]].to_dict("records")}
 
 
 def main(out: str) -> None:
@@ -72,8 +69,8 @@ def main(out: str) -> None:
             llm.runner.capture_decode_graphs(batch_buckets(8), llm.max_model_len)
             tokens = llm.generate([prompt], [params], use_tqdm=False)[0].token_ids  # first calls
             span = timeline_summary(graph_timeline(llm.runner.graphs.load(ids, positions, meta), replays=10))
-            walls = [served(llm, prompt, params)[0] for _ in range(3)]
-            _, window = served(llm, prompt, params, profile=True)
+            walls = [served_ms_per_step(llm, prompt, params) for _ in range(3)]
+            window = profile_window(llm, prompt, params)
             row = {"round": rnd, "pdl": pdl == "1", "graph_span_us": float(span.busy_us.iloc[-1]),
                    "served_ms_per_step": walls, "window": window, "tokens": tokens}
             res["rounds"].append(row)

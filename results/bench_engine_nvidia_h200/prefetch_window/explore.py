@@ -5,6 +5,9 @@ prefetched after each layer's QKV GEMV) and chunk size, the decode graph at batc
 the served time per decode step of a 128-token prompt generating 129 tokens in windows of 8 steps
 (one graph per window, and a step graph per step for comparison). Writes OUT/prefetch.json.
 
+It runs on commit 04255c4 only: the commit after it removed the prefetch (kernels.l2_prefetch, the
+ops' ``prefetch``) and the window graphs (DecodeGraphs' ``window_steps``) that it switches.
+
 Run from the repository root on a GPU: PYTHONPATH=. python3 results/bench_engine_nvidia_h200/prefetch_window/explore.py OUT
 """
 import json
