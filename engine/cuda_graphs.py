@@ -9,7 +9,7 @@ over static buffers (device tensors that every replay reads):
     cu_seqlens_q [Bmax + 1] int32 = 0, 1, ..., Bmax (one query per sequence, never rewritten);
     block_tables [Bmax, ceil(max_model_len / block_size)] int32
 
-and writes logits [B, V] float32. A step fills rows 0..b-1 from its sequences and pads rows
+and writes logits [B, V] in the model dtype. A step fills rows 0..b-1 from its sequences and pads rows
 b..B-1 so that they are harmless: token 0 at position 0, slot -1 (kv_store skips it: nothing is
 written) and one cached token (attention reads one finite cache vector through whatever valid
 block id the row holds; the row's logits are never read). Attention is launched with the longest
@@ -19,11 +19,16 @@ Block-table rows are kept on the host and rewritten only where they changed: a r
 sequence's block list object and its length (the block manager only appends to a list, and a
 preemption gives the sequence a new one), so a step writes the blocks a sequence gained.
 
-A multi-step decode window (:meth:`run_window`) replays the bucket's graph once a step; after each,
-the greedy tokens' chunk maxima (``engine.sampler.chunk_maxima``) and ``kernels.greedy_advance``
-pick the tokens and advance ids, positions, context lengths and slots on the device. (One graph
-for a whole window of 8 steps served slower on an H200, 1.01-1.04 against 0.99-1.00 ms a step:
-results/bench_engine_nvidia_h200/prefetch_window/NOTES.md. The host launching the next step's
+A multi-step decode window (:meth:`launch_window`) replays the bucket's graph once a step; after
+each, the greedy tokens' chunk maxima (``engine.sampler.chunk_maxima``) and ``kernels.greedy_advance``
+pick the tokens and advance ids, positions, context lengths and slots on the device. The window's
+tokens then go to pinned host memory behind an event, so the host may launch the next window before
+it reads them (asynchronous scheduling): a window launched ``ahead`` of a pending one takes its input
+ids from the device, where the pending window's last step left them, and its positions, slots and
+block tables from the host, which knows them without the pending tokens. The host buffers are
+double-buffered on CUDA: a window's copies may still be in flight while the next one is filled.
+(One graph for a whole window of 8 steps served slower on an H200, 1.01-1.04 against 0.99-1.00 ms a
+step: results/bench_engine_nvidia_h200/prefetch_window/NOTES.md. The host launching the next step's
 graph while the GPU runs the current one hides its launch; a graph of 8 steps' ~950 kernels is
 launched while the GPU waits.)
 
@@ -31,6 +36,7 @@ Without capture (on a CPU, or to test the padding) the same padded step runs eag
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,6 +57,21 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_num_seqs]
     sizes += list(range(64, max_num_seqs, 32))
     return sizes + [max_num_seqs]
+
+
+@dataclass
+class Window:
+    """A launched decode window: its greedy tokens [steps, B] (int64; pinned host memory on CUDA,
+    filled once ``ready`` has passed)."""
+
+    tokens: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+    def result(self) -> list[list[int]]:
+        """The tokens as lists [steps][B], waiting for the window's end on the device."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist()
 
 
 class DecodeGraphs:
@@ -83,16 +104,18 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self._device_buffers = (self.ids, self.positions, self.slots, self.context_lens, self.block_tables)
         if dev.type == "cuda":
-            # Pinned host copies, sent with asynchronous copies; every step ends in a host sync (the
-            # sampled tokens), so the next step never overwrites a copy still in flight. They start
-            # as copies of the device buffers: a padding row's block-table row is sent as the host
-            # holds it, and uninitialised host memory there once sent garbage block ids, which the
-            # padding row's one cached token was then read through (an illegal address on an H200).
-            self._host = tuple(t.cpu().pin_memory() for t in self._device_buffers)
+            # Pinned host copies, sent with asynchronous copies, in two sets used in turn: a window
+            # launched ahead of a pending one is filled while the pending one's copies may still be
+            # in flight, but the host has waited for the window before that (module docstring). They
+            # start as copies of the device buffers: a padding row's block-table row is sent as the
+            # host holds it, and uninitialised host memory there once sent garbage block ids, which
+            # the padding row's one cached token was then read through (an illegal address on an H200).
+            self._host_sets = [tuple(t.cpu().pin_memory() for t in self._device_buffers) for _ in range(2)]
         else:
-            self._host = self._device_buffers
-        self._np = tuple(t.numpy() for t in self._host)
-        self._rows: list[tuple[list[int], int] | None] = [None] * n  # (block list, blocks written) per row
+            self._host_sets = [self._device_buffers]
+        self._set = 0
+        # Per set and row: the block list object the row holds and how many of its blocks are written.
+        self._rows: list[list[tuple[list[int], int] | None]] = [[None] * n for _ in self._host_sets]
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
             self._capture()
@@ -109,7 +132,8 @@ class DecodeGraphs:
         raise ValueError(f"decode batch of {batch} exceeds the largest bucket {self.max_batch}")
 
     def _forward(self, size: int) -> torch.Tensor:
-        """Logits [size, V] float32 of the first ``size`` rows of the static buffers."""
+        """Logits [size, V] of the first ``size`` rows of the static buffers, in the model dtype: a
+        window's greedy tokens need no float32 copy (one kernel less in the graph), a step converts."""
         meta = AttentionMetadata(
             slot_mapping=self.slots[:size],
             block_tables=self.block_tables[:size],
@@ -119,7 +143,7 @@ class DecodeGraphs:
             max_context_len=self.max_context_len,
         )
         hidden = self.model.forward(self.ids[:size], self.positions[:size], meta, self.k_caches, self.v_caches)
-        return self.model.logits(hidden)
+        return self.model.lm_head(hidden)
 
     def _capture(self) -> None:
         """Capture every bucket, largest first, into one memory pool (graphs run one at a time)."""
@@ -134,30 +158,38 @@ class DecodeGraphs:
                 self._graphs[size] = (graph, logits)
         torch.cuda.synchronize(self.k_caches.device)
 
-    def _fill(self, seqs: list[Sequence], size: int) -> None:
-        """Write the step's rows (and the padding up to ``size``) into the host buffers, then send them."""
-        ids, positions, slots, ctx, tables = self._np
+    def _fill(self, seqs: list[Sequence], size: int, ahead: int = 0) -> None:
+        """Write the step's rows (and the padding up to ``size``) into the next host buffer set, then
+        send them. ``ahead`` > 0: the step follows a pending window of that many steps, whose last
+        step left the input ids on the device; every other input is known here."""
+        self._set = (self._set + 1) % len(self._host_sets)
+        host, cache = self._host_sets[self._set], self._rows[self._set]
+        ids, positions, slots, ctx, tables = (t.numpy() for t in host)
         bs = self.block_size
         b = len(seqs)
         for i, seq in enumerate(seqs):
-            p = seq.num_computed_tokens
+            p = seq.num_computed_tokens + ahead
             blocks = seq.block_table
-            ids[i] = seq.token_ids[p]
+            if not ahead:
+                ids[i] = seq.token_ids[p]
             positions[i] = p
             slots[i] = slot_of(seq, p, bs)
             ctx[i] = p + 1
-            row = self._rows[i]
+            row = cache[i]
             start = row[1] if row is not None and row[0] is blocks else 0
             if start < len(blocks):
                 tables[i, start : len(blocks)] = blocks[start:]
-                self._rows[i] = (blocks, len(blocks))
+                cache[i] = (blocks, len(blocks))
         ids[b:size] = 0
         positions[b:size] = 0
         slots[b:size] = -1
         ctx[b:size] = 1
-        if self._host is not self._device_buffers:
-            for dst, src in zip(self._device_buffers, self._host):
-                dst[:size].copy_(src[:size], non_blocking=True)
+        if host is not self._device_buffers:
+            for k, (dst, src) in enumerate(zip(self._device_buffers, host)):
+                if k or not ahead:
+                    dst[:size].copy_(src[:size], non_blocking=True)
+                else:  # the real rows' ids are on the device already; only the padding's are sent
+                    dst[b:size].copy_(src[b:size], non_blocking=True)
 
     def _launch(self, size: int) -> torch.Tensor:
         if size in self._graphs:
@@ -170,30 +202,38 @@ class DecodeGraphs:
         """Logits [len(seqs), V] float32 of a decode step of ``seqs`` (each feeding one token)."""
         size = self.bucket(len(seqs))
         self._fill(seqs, size)
-        return self._launch(size)[: len(seqs)]
+        return self._launch(size)[: len(seqs)].float()
 
-    def _advance(self, logits: torch.Tensor, size: int, tokens: torch.Tensor, advance: bool) -> None:
-        """Greedy tokens of a step's logits [size, V] into ``tokens`` [size] and, with ``advance``,
-        the static buffers' real rows moved to their next decode step (kernels.greedy_advance)."""
+    def _advance(self, logits: torch.Tensor, size: int, tokens: torch.Tensor) -> None:
+        """Greedy tokens of a step's logits [size, V] into ``tokens`` [size], and the static buffers'
+        real rows moved to their next decode step (kernels.greedy_advance)."""
         best, where, width = chunk_maxima(logits)
-        greedy_advance(best, where, width, tokens, advance=advance, ids=self.ids[:size],
+        greedy_advance(best, where, width, tokens, advance=True, ids=self.ids[:size],
                        positions=self.positions[:size], context_lens=self.context_lens[:size],
                        slots=self.slots[:size], block_tables=self.block_tables[:size], block_size=self.block_size)
 
-    def run_window(self, seqs: list[Sequence], steps: int) -> torch.Tensor:
-        """Greedy tokens [steps, len(seqs)] (int64, on the device) of ``steps`` decode steps of
-        ``seqs`` run back to back, their blocks already grown for all of them (multi-step decode).
+    def launch_window(self, seqs: list[Sequence], steps: int, ahead: int = 0) -> Window:
+        """Launch ``steps`` greedy decode steps of ``seqs`` back to back, their blocks already grown
+        for all of them (multi-step decode), and return their tokens [steps, len(seqs)] as a
+        :class:`Window` without waiting for them.
 
-        Step 0 is :meth:`run`'s step; after each step the device picks the tokens and advances the
-        static buffers (input ids take the tokens, positions and context lengths grow by one, slots
-        follow the block tables), so nothing waits for the host within the window: the caller reads
-        the tokens once, at the end."""
+        Step 0 is :meth:`run`'s step (``ahead`` > 0: it continues a pending window of ``ahead`` steps
+        of the same ``seqs``, see :meth:`_fill`); after every step the device picks the tokens and
+        advances the static buffers (input ids take the tokens, positions and context lengths grow
+        by one, slots follow the block tables), so nothing waits for the host within the window, and
+        a window launched ahead finds its ids where the last step left them."""
         b, size = len(seqs), self.bucket(len(seqs))
-        self._fill(seqs, size)
+        self._fill(seqs, size, ahead)
         tokens = torch.empty(steps, size, dtype=torch.int64, device=self.ids.device)
         for j in range(steps):
-            self._advance(self._launch(size), size, tokens[j], j + 1 < steps)
-        return tokens[:, :b]
+            self._advance(self._launch(size), size, tokens[j])
+        if tokens.device.type != "cuda":
+            return Window(tokens[:, :b])
+        host = torch.empty(steps, b, dtype=torch.int64, pin_memory=True)
+        host.copy_(tokens[:, :b], non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Window(host, ready)
 
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> Callable[[], torch.Tensor]:
         """Copy a decode step's device inputs (B sequences, one token each; block tables no wider
@@ -205,6 +245,7 @@ class DecodeGraphs:
         self.context_lens[:b] = meta.context_lens
         self.block_tables[:b, :width] = meta.block_tables
         self.slots[b:size], self.context_lens[b:size] = -1, 1
-        self._rows[:b] = [None] * b  # those rows no longer hold what the row cache remembers
+        for cache in self._rows:  # those rows no longer hold what the row caches remember
+            cache[:b] = [None] * b
         return lambda: self._launch(size)
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
 from engine.config import load_config
-from engine.cuda_graphs import batch_buckets
+from engine.cuda_graphs import Window, batch_buckets
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_tokenizer, load_weights
 from engine.model_runner import ModelRunner
@@ -78,7 +78,11 @@ class LLM:
     each feeding the previous one's tokens on the device, and reads the tokens once. The host
     schedules, fills the inputs and waits for tokens once a window instead of once a step, while
     the GPU runs the steps back to back; tokens reach the caller a window at a time (vLLM's
-    ``num_scheduler_steps``). The tokens are the same.
+    ``num_scheduler_steps``). The tokens are the same. With ``async_scheduling`` (the default), a
+    step that runs a window first launches the next window of the same sequences, when nothing
+    waits and their lengths allow it, and only then waits for its own window's tokens: the GPU runs
+    the next window while the host accounts for the last (vLLM's ``async_scheduling``). A sequence
+    that stops inside a window (a stop token) has the next window's tokens for it dropped.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class LLM:
         config_cache: str | Path | None = None,
         tune_trials: int = 0,
         num_decode_steps: int = 1,
+        async_scheduling: bool = True,
     ) -> None:
         if kernels not in BACKENDS:
             raise ValueError(f"LLM: kernels must be one of {list(BACKENDS)}, got {kernels!r}")
@@ -108,6 +113,9 @@ class LLM:
         max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
         max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         self.num_decode_steps = _positive_int("num_decode_steps", num_decode_steps)
+        if not isinstance(async_scheduling, bool):
+            raise TypeError(f"LLM: async_scheduling must be a bool, got {async_scheduling!r}")
+        self.async_scheduling = async_scheduling
         if num_kv_blocks is not None:
             num_kv_blocks = _positive_int("num_kv_blocks", num_kv_blocks)
         if max_model_len is not None:
@@ -148,8 +156,9 @@ class LLM:
         self.runner = ModelRunner(model, block_size=block_size, device=self.device, dtype=dtype)
         length_cap = max_model_len or self.config.max_position_embeddings
         if num_kv_blocks is None:
-            # The decode graphs keep their logits [bucket, V] float32 alive, one per bucket.
-            graph_bytes = sum(batch_buckets(max_num_seqs)) * self.config.vocab_size * 4 if self.uses_cuda_graphs else 0
+            # The decode graphs keep their logits [bucket, V] (model dtype) alive, one per bucket.
+            elt = torch.empty((), dtype=dtype).element_size()
+            graph_bytes = sum(batch_buckets(max_num_seqs)) * self.config.vocab_size * elt if self.uses_cuda_graphs else 0
             num_kv_blocks = self.runner.auto_num_blocks(max_num_batched_tokens, max_num_seqs, gpu_memory_utilization,
                                                         length_cap, graph_bytes)
         self.runner.allocate_kv_cache(num_kv_blocks)
@@ -168,6 +177,7 @@ class LLM:
         self._detoks: dict[int, IncrementalDetokenizer | None] = {}  # None: SamplingParams.detokenize off
         self._prompt_texts: dict[int, str | None] = {}
         self.last_batch: ScheduledBatch | None = None  # what the latest step ran (benchmarks read it)
+        self._pending: tuple[ScheduledBatch, Window] | None = None  # a window launched, not yet read
         self.resolved_configs: list[dict[str, Any]] = []  # the warm-up's shape set (see engine/warmup.py)
         self.tuned_configs: list[dict[str, Any]] = []
         self.compile_plan: tuple[list[int], list[int]] = ([], [])  # token and row counts compiled ahead
@@ -326,19 +336,30 @@ class LLM:
 
     def step(self) -> list[Sequence]:
         """One engine step: schedule, run the model, sample, retire finished requests. With
-        ``num_decode_steps`` > 1 it may be a window of several decode steps (``last_batch.num_steps``).
+        ``num_decode_steps`` > 1 it may be a window of several decode steps (``last_batch.num_steps``);
+        with ``async_scheduling`` the next window may already be running when it returns.
 
         Returns the sequences that received tokens this step: one each, or up to a window's steps
         (``seq.is_finished`` tells which are done).
         """
-        max_steps = self.num_decode_steps if self.runner.graphs is not None else 1
-        batch = self.scheduler.schedule(max_steps)
+        if self._pending is not None:
+            batch, window = self._pending
+            self._pending = None
+        else:
+            max_steps = self.num_decode_steps if self.runner.graphs is not None else 1
+            batch = self.scheduler.schedule(max_steps)
+            window = self.runner.launch_window(batch) if batch.num_steps > 1 else None
         self.last_batch = batch
         if not batch.seqs:
             return []  # everything was preempted this step; the next step re-admits
         before = [seq.num_tokens for seq in batch.seqs]
-        if batch.num_steps > 1:
-            finished = self.scheduler.postprocess_window(batch, self.runner.run_window(batch))
+        if window is not None:
+            ahead = self.scheduler.schedule_ahead(batch, self.num_decode_steps) if self.async_scheduling else None
+            if ahead is not None:  # launched before this window's tokens are read: the GPU keeps busy
+                self._pending = (ahead, self.runner.launch_window(ahead, batch.num_steps))
+            finished = self.scheduler.postprocess_window(batch, window.result())
+            if self._pending is not None and all(seq.is_finished for seq in self._pending[0].seqs):
+                self._pending = None  # every sequence of it stopped: its tokens would all be dropped
         else:
             out = self.runner.run(batch)
             for seq, lp, plps in zip(batch.seqs, out.logprobs, out.prompt_logprobs):
@@ -347,8 +368,9 @@ class LLM:
                 for pos, value in plps:
                     seq.prompt_logprobs[pos] = value
             finished = self.scheduler.postprocess(batch, out.tokens)
-        advanced = [seq for seq, n in zip(batch.seqs, before) if seq.num_tokens > n]
-        for seq, n in zip(batch.seqs, before):
+        # A sequence that stopped in an earlier window (whose output may be gone) gains nothing here.
+        grown = [(seq, n) for seq, n in zip(batch.seqs, before) if seq.num_tokens > n]
+        for seq, n in grown:
             detok = self._detoks[seq.seq_id]
             if detok is not None:
                 for token in seq.token_ids[n:]:
@@ -358,7 +380,7 @@ class LLM:
             if detok is not None:
                 detok.flush()
             self.runner.release(seq)
-        return advanced
+        return [seq for seq, _ in grown]
 
     def output(self, seq: Sequence) -> RequestOutput:
         """The result of a finished request (and forget its detokeniser)."""
@@ -377,7 +399,8 @@ class LLM:
         )
 
     def abort_all(self) -> None:
-        """Drop every unfinished request and free its blocks."""
+        """Drop every unfinished request (and a window launched ahead) and free its blocks."""
+        self._pending = None
         for seq in self.scheduler.abort_all():
             self.runner.release(seq)
             self._detoks.pop(seq.seq_id, None)

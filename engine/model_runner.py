@@ -12,8 +12,8 @@ The KV cache is one tensor per K and V: [num_layers, num_blocks, block_size, Hkv
 
 A step whose sequences all decode (one token each) replays a CUDA graph of its batch-size bucket
 instead (engine/cuda_graphs.py), when the graphs were captured (``capture_decode_graphs``); a
-multi-step decode window (``run_window``) replays it once a step, chaining the greedy tokens on
-the device.
+multi-step decode window (``launch_window``) replays it once a step, chaining the greedy tokens on
+the device, and may be launched before the window ahead of it has been read.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ModelConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, Window
 from engine.models.llama import AttentionMetadata, LlamaModel
 from engine.sampler import Sampler, greedy_argmax
 from engine.sampling_params import SamplingParams
@@ -231,14 +231,16 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run_window(self, batch: ScheduledBatch) -> list[list[int]]:
-        """Tokens [num_steps][B] of a multi-step decode window (``batch.num_steps`` > 1: every
-        sequence decodes greedily, its blocks grown for the window), served by the padded decode
-        path's :meth:`~engine.cuda_graphs.DecodeGraphs.run_window`: one host sync for the window."""
+    def launch_window(self, batch: ScheduledBatch, ahead: int = 0) -> Window:
+        """Launch a multi-step decode window (``batch.num_steps`` steps: every sequence decodes
+        greedily, its blocks grown for the window) on the padded decode path and return its tokens
+        [num_steps][B] as a :class:`~engine.cuda_graphs.Window`, read once for the window.
+        ``ahead`` > 0: the window continues a pending one of that many steps of the same sequences,
+        launched before the host has its tokens (:meth:`~engine.cuda_graphs.DecodeGraphs.launch_window`)."""
         if not self._graphable(batch):
-            raise ValueError("ModelRunner.run_window: a decode window needs the padded decode path "
+            raise ValueError("ModelRunner.launch_window: a decode window needs the padded decode path "
                              "(capture_decode_graphs) and a batch of one-token decode steps within its buckets")
-        return self.graphs.run_window(batch.seqs, batch.num_steps).tolist()
+        return self.graphs.launch_window(batch.seqs, batch.num_steps, ahead)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepOutput:

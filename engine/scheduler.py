@@ -8,6 +8,8 @@ Each step packs, first come first served, within ``max_num_batched_tokens`` toke
 A step whose sequences all decode greedily may run as a window of several decode steps back to
 back (multi-step decode, ``schedule(max_decode_steps)``): the model runner feeds each step's
 argmax to the next on the device, so the host waits for tokens once a window, not once a step.
+While a window runs, the next one of the same sequences may be scheduled before its tokens are
+known (``schedule_ahead``, asynchronous scheduling), so that the GPU never waits for the host.
 When the KV cache has no block for a running sequence's tokens, the newest running sequence is
 preempted: its blocks are freed, it goes back to the front of the waiting queue, and later its
 prompt and generated tokens are recomputed. The oldest sequence can always take every block
@@ -161,6 +163,29 @@ class Scheduler:
         for s in seqs:
             bm.grow(s, k)
         return max(k, 1)
+
+    def schedule_ahead(self, pending: ScheduledBatch, limit: int) -> ScheduledBatch | None:
+        """A decode window continuing ``pending``, a window whose tokens are not yet accounted for,
+        with the same sequences; its blocks grown. None when something waits (a window delays its
+        admission), a sequence of ``pending`` has finished, or its length limits or the free blocks
+        leave no step after ``pending``'s. At most ``limit`` steps, as :meth:`_decode_window` gives:
+        a stop token inside ``pending`` ends its sequence there, and what the window computed for it
+        afterwards is dropped."""
+        seqs, done = pending.seqs, pending.num_steps
+        if self.waiting or any(s.status is not SequenceStatus.RUNNING for s in seqs):
+            return None
+        k = min([limit] + [min(s.params.max_tokens - s.num_output_tokens - done,
+                               self.max_model_len - s.num_tokens - done + 1) for s in seqs])
+        bm = self.block_manager
+        while k > 0 and sum(bm.blocks_needed(s, done + k) for s in seqs) > bm.num_free_blocks:
+            k -= 1
+        if k < 1:
+            return None
+        for s in seqs:
+            bm.grow(s, done + k)
+        batch = ScheduledBatch(list(seqs), [1] * len(seqs), num_steps=k)
+        self.stats.steps += 1
+        return batch
 
     def finish_reason(self, seq: Sequence, token: int) -> str | None:
         """Why ``seq`` stops after appending ``token``: "stop", "length", or None to go on."""

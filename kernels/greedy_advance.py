@@ -2,9 +2,9 @@
 maxima, and the decode step's inputs advanced to the next position, in one launch.
 
 Inputs, for R rows (decode sequences, padding rows included):
-- best [R, C] (float32) and where [R, C] (int64): the maximum of each of the C equal chunks of a
-  logits row [C * width] and its index within the chunk, the first of equal maxima (the first pass,
-  ``torch.max`` over ``logits.reshape(R, C, width)``);
+- best [R, C] (the logits' float dtype) and where [R, C] (int64): the maximum of each of the C
+  equal chunks of a logits row [C * width] and its index within the chunk, the first of equal maxima
+  (the first pass, ``torch.max`` over ``logits.reshape(R, C, width)``);
 - the padded decode path's static buffers: ids, positions, slots [R] int64, context_lens [R] int32,
   block_tables [R, W] int32.
 
@@ -67,8 +67,7 @@ def greedy_advance(
     fn = "greedy_advance"
     checks.tensor(fn, "best", best, 2)
     R, C = best.shape
-    if best.dtype != torch.float32:
-        raise TypeError(f"{fn}: best must be float32, got {best.dtype}")
+    checks.float_dtype(fn, "best", best)
     expected = {"where": (where, torch.int64, (R, C)), "tokens": (tokens, torch.int64, (R,)),
                 "ids": (ids, torch.int64, (R,)), "positions": (positions, torch.int64, (R,)),
                 "slots": (slots, torch.int64, (R,)), "context_lens": (context_lens, torch.int32, (R,)),

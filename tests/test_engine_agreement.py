@@ -135,18 +135,61 @@ def test_multi_step_decode_windows_give_the_same_tokens(kernels, tmp_path_factor
               num_decode_steps=4)
     llm.runner.capture_decode_graphs([1, 2, 4], llm.max_model_len, capture=False)
     windows = []
-    real = llm.runner.graphs.run_window
+    real = llm.runner.graphs.launch_window
 
-    def recording(seqs, steps):
+    def recording(seqs, steps, ahead=0):
         windows.append((len(seqs), steps))
-        return real(seqs, steps)
+        return real(seqs, steps, ahead)
 
-    llm.runner.graphs.run_window = recording
+    llm.runner.graphs.launch_window = recording
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == want
     assert [o.finish_reason for o in outs] == ["length", "stop", "length"]
     assert (3, 4) in windows and any(steps < 4 for _, steps in windows), windows
     assert llm.block_manager.num_free_blocks == llm.num_kv_blocks
+
+
+def test_async_scheduling_launches_windows_ahead_with_the_same_tokens(tmp_path_factory):
+    """async_scheduling (the default) launches the next decode window before reading the last one's
+    tokens: windows continue on the device's input ids (launched ``ahead``), the tokens equal
+    transformers' greedy ones and the synchronous engine's, a stop token inside a window drops the
+    window launched after it for that request, a request added while a window is in flight is
+    served, and every block is free at the end."""
+    model_dir = checkpoint("llama3", tmp_path_factory)
+    prompts = _prompts(512, [3, 6, 9, 4], seed=7)
+    lengths = [17, 23, 11, 9]
+    ref = [_hf_greedy(model_dir, [p], n)[0] for p, n in zip(prompts, lengths)]
+    stop = ref[1][9]  # request 1 stops at the first occurrence of its tenth greedy token
+    want = ref[:1] + [ref[1][: ref[1].index(stop) + 1]] + ref[2:]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, stop_token_ids=(stop,) if i == 1 else ())
+              for i, n in enumerate(lengths)]
+    outs, launches = {}, {}
+    for flag in (True, False):
+        llm = LLM(model_dir, kernels="torch", block_size=4, num_kv_blocks=40, max_num_seqs=4,
+                  max_num_batched_tokens=32, num_decode_steps=3, async_scheduling=flag)
+        llm.runner.capture_decode_graphs([1, 2, 4], llm.max_model_len, capture=False)
+        launches[flag], real = [], llm.runner.graphs.launch_window
+
+        def recording(seqs, steps, ahead=0, real=real, log=launches[flag]):
+            log.append(ahead)
+            return real(seqs, steps, ahead)
+
+        llm.runner.graphs.launch_window = recording
+        seqs = [llm.add_request(p, sp, index=i) for i, (p, sp) in enumerate(zip(prompts[:3], params[:3]))]
+        steps = 0
+        while llm.has_unfinished():
+            llm.step()
+            steps += 1
+            if steps == 3:  # a window is in flight with the async engine: request 3 arrives now
+                assert (llm._pending is not None) == flag
+                seqs.append(llm.add_request(prompts[3], params[3], index=3))
+            llm.block_manager.check_invariants(llm.scheduler.running)
+        outs[flag] = [llm.output(s) for s in seqs]
+        assert llm.block_manager.num_free_blocks == llm.num_kv_blocks and llm._pending is None
+    for flag in (True, False):
+        assert [o.token_ids for o in outs[flag]] == want, flag
+        assert [o.finish_reason for o in outs[flag]] == ["length", "stop", "length", "length"]
+    assert any(launches[True]) and not any(launches[False]), launches
 
 
 def test_serve_counts_every_token_of_a_window(tmp_path_factory):

@@ -209,3 +209,52 @@ def test_decode_windows_respect_every_limit():
         h = Sequence(7, [10, 11, 12], SamplingParams(max_tokens=8, **{"temperature": 0.0, **params}))
         _decoding(s, h)
         assert s.schedule(8).num_steps == 1, params
+
+
+def test_schedule_ahead_continues_a_pending_window():
+    """schedule_ahead(pending, limit): the next window of the same sequences, scheduled before the
+    pending window's tokens are accounted for, counts those tokens against max_tokens,
+    max_model_len and the blocks; nothing when a request waits or a sequence has finished."""
+    sched = _scheduler(num_blocks=16, block_size=4, max_model_len=40)
+    a, b = _seq(0, 3, max_tokens=12), _seq(1, 5, max_tokens=9)
+    _decoding(sched, a, b)  # one output token each: a has 11 left, b 8
+    win = sched.schedule(4)
+    assert win.num_steps == 4
+    ahead = sched.schedule_ahead(win, 8)
+    assert ahead is not None and ahead.seqs == [a, b] and ahead.num_new_tokens == [1, 1]
+    assert ahead.num_steps == 4 and all(ahead.sampling)  # b: 8 left, 4 of them pending
+    for s in ahead.seqs:  # blocks for the pending window's 4 steps and the ahead window's 4
+        assert len(s.block_table) * 4 >= s.num_computed_tokens + 8
+    sched.block_manager.check_invariants(sched.running)
+    assert sched.schedule_ahead(win, 2).num_steps == 2, "the window exceeds its limit"
+
+    sched.postprocess_window(win, [[100, 101]] * 4)  # the pending tokens arrive: b has 4 left
+    nxt = sched.schedule_ahead(ahead, 8)
+    assert nxt is None, "b's max_tokens leaves no step after the pending window"
+
+    # max_model_len: c may feed positions 3..8; a pending window of 4 feeds 3..6.
+    short = _scheduler(num_blocks=16, block_size=4, max_model_len=9)
+    c = _seq(2, 3, max_tokens=30)
+    _decoding(short, c)
+    pending = short.schedule(4)
+    assert pending.num_steps == 4 and short.schedule_ahead(pending, 8).num_steps == 2
+
+    # Free blocks: 3 blocks of 4 slots; the pending window took 2 for d (3 tokens cached + 5 steps).
+    tight = _scheduler(num_blocks=3, block_size=4)
+    d = _seq(3, 3, max_tokens=30)
+    _decoding(tight, d)
+    pending = tight.schedule(5)
+    assert pending.num_steps == 5 and len(d.block_table) == 2
+    assert tight.schedule_ahead(pending, 8).num_steps == 4  # 12 slots: positions up to 11
+    tight.block_manager.check_invariants(tight.running)
+
+    # A waiting request, or a sequence that stopped inside the pending window: no window ahead.
+    one = _scheduler(max_num_seqs=2)
+    e, f = _seq(4, 3, max_tokens=20), _seq(5, 3, max_tokens=20, stop_token_ids=(7,))
+    _decoding(one, e, f)
+    pending = one.schedule(4)
+    one.add(_seq(6, 3))
+    assert one.schedule_ahead(pending, 8) is None
+    one.waiting.clear()
+    one.postprocess_window(pending, [[100, 7]] + [[101, 102]] * 3)
+    assert f.is_finished and one.schedule_ahead(pending, 8) is None

@@ -158,9 +158,10 @@ def test_decode_buffers_start_initialised(model_dir, device):
               max_num_batched_tokens=8, enforce_eager=True)
     llm.runner.capture_decode_graphs([1, 2, 4], llm.max_model_len, capture=False)
     g = llm.runner.graphs
-    for host, dev in zip(g._host, g._device_buffers):
-        assert torch.equal(host, dev.cpu())
-    assert (g._host[4] == 0).all() and (g._host[2] == -1).all() and (g._host[3] == 1).all()
+    for host in g._host_sets:
+        for h, dev in zip(host, g._device_buffers):
+            assert torch.equal(h, dev.cpu())
+        assert (host[4] == 0).all() and (host[2] == -1).all() and (host[3] == 1).all()
 
 
 @pytest.mark.gpu
@@ -176,13 +177,13 @@ def test_multi_step_windows_on_cuda_graphs_give_the_single_step_tokens(tmp_path_
         llm = LLM(model_dir, block_size=4, num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=32,
                   num_decode_steps=k)
         assert llm.uses_cuda_graphs
-        windows, real = [], llm.runner.graphs.run_window
+        windows, real = [], llm.runner.graphs.launch_window
 
-        def recording(seqs, steps, real=real, windows=windows):
+        def recording(seqs, steps, ahead=0, real=real, windows=windows):
             windows.append((len(seqs), steps))
-            return real(seqs, steps)
+            return real(seqs, steps, ahead)
 
-        llm.runner.graphs.run_window = recording
+        llm.runner.graphs.launch_window = recording
         outs[k] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert bool(windows) == (k > 1), windows
     assert outs[4] == outs[1]

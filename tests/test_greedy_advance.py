@@ -20,19 +20,21 @@ def _buffers(device, rows=5, width=6, block_size=4):
             "block_tables": tables.to(device)}
 
 
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab", [1024, 1000, 96])
-def test_greedy_advance_picks_argmax_and_moves_real_rows_only(vocab, device):
-    """Tokens equal torch.argmax, the first of ties included, for 256, 8 and 32 chunks; real rows
-    advance one position (ids, positions, context lengths, the slot through the block table, a
-    block boundary crossed), the padding row (slot -1) keeps every buffer; without ``advance``
-    only the tokens are written."""
+def test_greedy_advance_picks_argmax_and_moves_real_rows_only(vocab, logits_dtype, device):
+    """Tokens equal torch.argmax, the first of ties included, for 256, 8 and 32 chunks and logits in
+    each float dtype (the decode graphs hand over the LM head's output as it is); real rows advance
+    one position (ids, positions, context lengths, the slot through the block table, a block
+    boundary crossed), the padding row (slot -1) keeps every buffer; without ``advance`` only the
+    tokens are written."""
     g = torch.Generator().manual_seed(vocab)
     logits = torch.randn(5, vocab, generator=g).to(torch.bfloat16).float()
     top = logits.max() + 1
     logits[1, [vocab - 1, 3]] = top
     logits[2, [7, 8]] = top
     logits[3] = 0.0
-    logits = logits.to(device)
+    logits = logits.to(device=device, dtype=logits_dtype)
     want = logits.argmax(dim=-1)
     bufs = _buffers(device)
     before = {k: v.clone() for k, v in bufs.items()}
@@ -64,7 +66,7 @@ def test_greedy_advance_bad_input(device):
                        **{**bufs, "context_lens": bufs["context_lens"].long()})
     with pytest.raises(ValueError, match="tokens has shape"):
         greedy_advance(best, where, width, tokens[:1], advance=True, block_size=4, **bufs)
-    with pytest.raises(TypeError, match="best must be float32"):
-        greedy_advance(best.half(), where, width, tokens, advance=True, block_size=4, **bufs)
+    with pytest.raises(TypeError, match="best has dtype torch.float64"):
+        greedy_advance(best.double(), where, width, tokens, advance=True, block_size=4, **bufs)
     with pytest.raises(ValueError, match="block_size"):
         greedy_advance(best, where, width, tokens, advance=True, block_size=0, **bufs)

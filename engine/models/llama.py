@@ -120,6 +120,10 @@ class LlamaModel:
         out, _ = ops.rmsnorm(h, w.norm, cfg.rms_norm_eps, residual)
         return out
 
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [R, H] -> logits [R, V] in the model dtype (as transformers computes them)."""
+        return self.ops.linear(hidden, self.weights.lm_head)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [R, H] -> logits [R, V] float32 (the LM head runs in the model dtype, as transformers does)."""
-        return self.ops.linear(hidden, self.weights.lm_head).float()
+        """hidden [R, H] -> logits [R, V] float32: :meth:`lm_head`'s, converted."""
+        return self.lm_head(hidden).float()
