@@ -1,12 +1,18 @@
-"""The MLP of a batch-1 decode step two ways, in one process (NOTES.md): 16 layers of llama-3.2-1b's
-MLP (hidden 2048, intermediate 8192, bfloat16, random weights) as one CUDA graph, each layer either
+"""The MLP of a batch-1 decode step several ways, in one process (NOTES.md): 16 layers of
+llama-3.2-1b's MLP (hidden 2048, intermediate 8192, bfloat16, random weights) as one CUDA graph per
+variant, each layer:
 - "silu_gemv": norm_gemv (residual add, RMSNorm, gate/up GEMV -> gate_up [1, 16384]), then
-  silu_gemv (SwiGLU and the down GEMV), the engine's decode MLP until now; or
+  silu_gemv (SwiGLU and the down GEMV), the engine's decode MLP;
 - "swiglu": norm_gemv with swiglu=True (the same, writing silu(gate) * up [1, 8192]), then the
-  gemm family's plain GEMV for the down projection.
-Configs as the engine resolves them (the device's best-config cache, nearest shape allowed). Each
-graph is checked against a float64 reference of the 16 layers, then timed: 5 interleaved rounds of
-50 replays (CUDA events), the weights (1.6 GB) far larger than L2. Writes OUT/swiglu_ab.json.
+  gemm family's plain GEMV for the down projection;
+- "swiglu_gemv_default": the same with the GEMV tile of kernels.gemm.gemv_default for the down
+  projection, and "swiglu16_gemv_default" with 16 gate/up columns a program too;
+- "gate_up_only" and "swiglu_only": the first kernel alone (no down projection), to separate the
+  epilogue's cost from the down projection's.
+Configs otherwise as the engine resolves them (the device's best-config cache, nearest shape
+allowed). Each full variant is checked against a float64 reference of the 16 layers, then every
+variant is timed: 5 interleaved rounds of 50 replays (CUDA events), the weights (1.6 GB) far larger
+than L2. Writes OUT/swiglu_ab.json.
 
 Run from the repository root on a GPU: PYTHONPATH=. python3 results/decode_fusion/swiglu_ab.py OUT
 """
@@ -18,7 +24,7 @@ import time
 import torch
 
 from autotune import cache
-from kernels.gemm import matmul
+from kernels.gemm import gemv_default, matmul
 from kernels.norm_gemv import norm_gemv
 from kernels.silu_gemv import silu_gemv
 from kernels.device import programmatic_launch
@@ -43,23 +49,34 @@ def main(out: str) -> None:
            "swiglu": config("norm_gemv", {"M": 1, "N": 2 * I, "K": H, "residual": True, "swiglu": True}),
            "silu_gemv": config("silu_gemv", {"M": 1, "N": H, "K": I}),
            "down": config("gemm", {"M": 1, "N": H, "K": I, "b_transposed": True})}
+    cfg["down_default"] = {**cfg["down"], **gemv_default(1, H, I)}
+    cfg["swiglu16"] = {**cfg["swiglu"], "BLOCK_N": 16, "num_warps": 2}
     bufs = {"gu": torch.empty(1, 2 * I, device=dev, dtype=dt), "act": torch.empty(1, I, device=dev, dtype=dt),
             "res": [torch.empty(1, H, device=dev, dtype=dt) for _ in range(LAYERS + 1)],
             "h": [torch.empty(1, H, device=dev, dtype=dt) for _ in range(LAYERS + 1)]}
 
     def forward(kind: str) -> torch.Tensor:
-        bufs["h"][0].copy_(x0)
+        hs = list(bufs["h"])  # the "_only" variants feed a layer's input on to the next
+        hs[0].copy_(x0)
         bufs["res"][0].copy_(r0)
         for l in range(LAYERS):
-            h, r, r_out = bufs["h"][l], bufs["res"][l], bufs["res"][l + 1]
-            if kind == "silu_gemv":
+            h, r, r_out = hs[l], bufs["res"][l], bufs["res"][l + 1]
+            if kind in ("silu_gemv", "gate_up_only"):
                 norm_gemv(h, norm_w[l], EPS, w_gu[l], residual=r, config=cfg["gate_up"], out=bufs["gu"], residual_out=r_out)
-                silu_gemv(bufs["gu"], w_d[l], config=cfg["silu_gemv"], out=bufs["h"][l + 1])
+                if kind == "silu_gemv":
+                    silu_gemv(bufs["gu"], w_d[l], config=cfg["silu_gemv"], out=hs[l + 1])
+                else:
+                    hs[l + 1] = h
             else:
-                norm_gemv(h, norm_w[l], EPS, w_gu[l], residual=r, swiglu=True, config=cfg["swiglu"], out=bufs["act"],
+                norm_gemv(h, norm_w[l], EPS, w_gu[l], residual=r, swiglu=True,
+                          config=cfg["swiglu16" if kind.startswith("swiglu16") else "swiglu"], out=bufs["act"],
                           residual_out=r_out)
-                matmul(bufs["act"], w_d[l].t(), config=cfg["down"], out=bufs["h"][l + 1])
-        return bufs["h"][LAYERS]
+                if kind == "swiglu_only":
+                    hs[l + 1] = h
+                else:
+                    down = cfg["down_default" if kind.endswith("gemv_default") else "down"]
+                    matmul(bufs["act"], w_d[l].t(), config=down, out=hs[l + 1])
+        return hs[LAYERS]
 
     def reference() -> torch.Tensor:
         h, r = x0.double(), r0.double()
@@ -75,9 +92,10 @@ def main(out: str) -> None:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__,
            "date": time.strftime("%Y-%m-%d"), "pdl": programmatic_launch(), "configs": cfg, "rounds": []}
     graphs = {}
-    for kind in ("silu_gemv", "swiglu"):
+    for kind in ("silu_gemv", "swiglu", "swiglu_gemv_default", "swiglu16_gemv_default", "gate_up_only", "swiglu_only"):
         y = forward(kind).double()  # compiles
-        res[f"{kind}_rel_error"] = float((y - ref).norm() / ref.norm())
+        if not kind.endswith("_only"):
+            res[f"{kind}_rel_error"] = float((y - ref).norm() / ref.norm())
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
