@@ -114,15 +114,12 @@ class _Recorder:
         return self._do(self.weight_names[weight.data_ptr()], "norm_gemv", shape, "norm_linear", x, norm_w, eps,
                         residual, weight)
 
-    def norm_swiglu(self, x, norm_w, eps, residual, weight):
-        # As norm_linear: fused, the one kernel (its activation included) is booked under the gate/up
-        # projection; unfused, the norm, the projection and silu_mul are three calls.
-        if not self.ops.fuses_into_gemv(x.shape[0]):
-            return TorchOps.norm_swiglu(self, x, norm_w, eps, residual, weight)
-        shape = {"M": x.shape[0], "N": weight.shape[0], "K": x.shape[1], "residual": residual is not None,
-                 "swiglu": True}
-        return self._do(self.weight_names[weight.data_ptr()], "norm_gemv", shape, "norm_swiglu", x, norm_w, eps,
-                        residual, weight)
+    def silu_linear(self, gate_up, weight):
+        # As norm_linear: fused, the one kernel is booked under the down projection (family silu_gemv).
+        if not self.ops.fuses_into_gemv(gate_up.shape[0]):
+            return TorchOps.silu_linear(self, gate_up, weight)
+        shape = {"M": gate_up.shape[0], "N": weight.shape[0], "K": weight.shape[1]}
+        return self._do(self.weight_names[weight.data_ptr()], "silu_gemv", shape, "silu_linear", gate_up, weight)
 
     def rope(self, q, k, positions, cos_sin):
         shape = {"tokens": q.shape[0], "heads_q": q.shape[1], "heads_kv": k.shape[1], "head_dim": q.shape[2]}

@@ -55,9 +55,8 @@ def model_shapes(
       batch at the longest context).
     Steps of at most GEMV_MAX_M tokens run as the engine's Triton backend runs them: the norms
     inside the QKV and gate/up GEMVs (norm_gemv; the first layer's QKV without a residual) and the
-    activation in the gate/up GEMV's epilogue (norm_gemv with swiglu), so those GEMMs and silu_mul
-    are not launched there, the output and down projections are plain GEMVs, and rmsnorm runs only
-    as the final norm.
+    activation inside the down projection's (silu_gemv), so those GEMMs and silu_mul are not
+    launched there, and rmsnorm only as the final norm.
     """
     H, I, V = model["hidden_size"], model["intermediate_size"], model["vocab_size"]
     Hq, Hkv = model["num_attention_heads"], model["num_key_value_heads"]
@@ -74,13 +73,14 @@ def model_shapes(
     return {
         "gemm": _unique(
             [{"M": m, "N": n, "K": k, "b_transposed": True} for m in tokens for n, k in proj
-             if m > GEMV_MAX_M or n == H]  # the output and down projections have no prologue
+             if m > GEMV_MAX_M or (n, k) == (H, Hq * D)]  # the output projection has no prologue
             + [{"M": m, "N": V, "K": H, "b_transposed": True} for m in seqs]
         ),
         "norm_gemv": _unique(
             [{"M": m, "N": (Hq + 2 * Hkv) * D, "K": H, "residual": r} for m in fused for r in (False, True)]
-            + [{"M": m, "N": 2 * I, "K": H, "residual": True, "swiglu": True} for m in fused]
+            + [{"M": m, "N": 2 * I, "K": H, "residual": True} for m in fused]
         ),
+        "silu_gemv": [{"M": m, "N": H, "K": I} for m in fused],
         "attention_prefill": _unique([{"batch": b, "seqlen": L, **heads, "causal": True} for b, L in prompts]),
         "attention_paged": _unique(
             [

@@ -4,18 +4,14 @@
     C = (h * rsqrt(mean(h^2) + eps) * norm_w) @ W^T
 
 for M <= 4 rows (batch-1 to batch-4 decode), in one kernel instead of an rmsnorm kernel and a
-GEMV. With ``swiglu``, W = [W_gate; W_up] is a Llama MLP's fused gate/up weight and the kernel
-writes the activation instead, C = silu(gate) * up [M, N / 2]: each program computes matching gate
-and up columns, so the down projection after it is a plain GEMV. The norm scales each row by one number, so the kernel accumulates the row's sum of squares
+GEMV. The norm scales each row by one number, so the kernel accumulates the row's sum of squares
 in the same pass over K as the products and applies it at the end (see the template,
 ``kernels/templates/gemv_prologue.py.j2``). At decode sizes both kernels are bound by latency more
 than by bytes (the rmsnorm of one 2048-wide row moves 12 KB), so one launch fewer per norm is the
 saving; the GEMV's own traffic (W) is unchanged.
 
-Shape dicts are ``{"M", "N", "K", "residual"}``, plus ``"swiglu": True`` for the activation's
-variant (absent: False): x [M, K], W [N, K] (a linear layer's weight). Space, constraints and
-default: ``kernels/gemv_prologue.py``; the SwiGLU variant needs an even N and two columns a program
-at least.
+Shape dicts are ``{"M", "N", "K", "residual"}``: x [M, K], W [N, K] (a linear layer's weight).
+Space, constraints and default: ``kernels/gemv_prologue.py``.
 """
 from __future__ import annotations
 
@@ -28,23 +24,12 @@ from kernels import checks
 from kernels.family import Config, Shape, dtype_name, torch_dtype
 from kernels.gemv_prologue import GemvPrologueFamily, check_rows, gemv_dims
 from kernels.rmsnorm import rmsnorm_torch
-from kernels.silu_mul import silu_mul_torch
 
 EPS = 1e-5  # make_inputs' epsilon (Llama 3 uses 1e-5)
 
 
-def _dims(shape: Shape) -> tuple[int, int, int, bool, bool]:
-    """(M, N, K, residual, swiglu) of a shape; ``ValueError`` for a SwiGLU shape of odd N."""
-    M, N, K = gemv_dims("norm_gemv", shape)
-    swiglu = bool(shape.get("swiglu", False))
-    if swiglu and N % 2:
-        raise ValueError(f"norm_gemv: swiglu needs W = [W_gate; W_up] of even N, got N={N}")
-    return M, N, K, bool(shape.get("residual", False)), swiglu
-
-
-def _shape(M: int, N: int, K: int, residual: bool, swiglu: bool) -> Shape:
-    """The shape dict; "swiglu" only when set, so plain shapes keep the keys their cache entries have."""
-    return {"M": M, "N": N, "K": K, "residual": residual, **({"swiglu": True} if swiglu else {})}
+def _dims(shape: Shape) -> tuple[int, int, int, bool]:
+    return (*gemv_dims("norm_gemv", shape), bool(shape.get("residual", False)))
 
 
 class NormGemvFamily(GemvPrologueFamily):
@@ -55,20 +40,13 @@ class NormGemvFamily(GemvPrologueFamily):
     default_tile = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 1, "num_stages": 1}
 
     def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
-        _, _, _, residual, swiglu = _dims(shape)
-        return {**self.tile_facts(shape, config), "RESIDUAL": residual, "SWIGLU": swiglu}
-
-    def space(self, shape: Shape, dtype: str) -> dict[str, list]:
-        space = super().space(shape, dtype)
-        if _dims(shape)[4]:  # a program holds gate and up columns in pairs
-            space["BLOCK_N"] = [b for b in space["BLOCK_N"] if b >= 2] or [2]
-        return space
+        return {**self.tile_facts(shape, config), "RESIDUAL": _dims(shape)[3]}
 
     # --- running ------------------------------------------------------------------------------
     def make_inputs(self, shape: Shape, dtype: str, device: str | torch.device, seed: int = 0) -> dict:
-        """x, norm weight, W (and residual) random; ``out`` is C [M, N] ([M, N / 2] with swiglu), or
-        with a residual the list [C, new residual [M, K]]."""
-        M, N, K, residual, swiglu = _dims(shape)
+        """x, norm weight, W (and residual) random; ``out`` is C [M, N], or with a residual the list
+        [C [M, N], new residual [M, K]]."""
+        M, N, K, residual = _dims(shape)
         dt = torch_dtype(dtype)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         inputs = {
@@ -76,8 +54,7 @@ class NormGemvFamily(GemvPrologueFamily):
             "norm_w": (1.0 + 0.5 * torch.randn(K, generator=gen)).to(device=device, dtype=dt),
             "weight": (torch.randn(N, K, generator=gen) / K**0.5).to(device=device, dtype=dt),
             "eps": EPS,
-            "swiglu": swiglu,
-            "out": torch.empty(M, N // 2 if swiglu else N, device=device, dtype=dt),
+            "out": torch.empty(M, N, device=device, dtype=dt),
         }
         if residual:
             inputs["residual"] = torch.randn(M, K, generator=gen).to(device=device, dtype=dt)
@@ -86,16 +63,15 @@ class NormGemvFamily(GemvPrologueFamily):
 
     def shape_of(self, inputs: dict) -> Shape:
         (M, K), N = inputs["x"].shape, inputs["weight"].shape[0]
-        return _shape(M, N, K, inputs.get("residual") is not None, inputs.get("swiglu", False))
+        return {"M": M, "N": N, "K": K, "residual": inputs.get("residual") is not None}
 
     def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
-        swiglu = inputs.get("swiglu", False)
         if inputs.get("residual") is None:
-            return norm_gemv(inputs["x"], inputs["norm_w"], inputs["eps"], inputs["weight"], swiglu=swiglu,
-                             config=config, out=inputs["out"])
+            return norm_gemv(inputs["x"], inputs["norm_w"], inputs["eps"], inputs["weight"], config=config,
+                             out=inputs["out"])
         out, res_out = inputs["out"]
         norm_gemv(inputs["x"], inputs["norm_w"], inputs["eps"], inputs["weight"], residual=inputs["residual"],
-                  swiglu=swiglu, config=config, out=out, residual_out=res_out)
+                  config=config, out=out, residual_out=res_out)
         return torch.cat([out, res_out], dim=1)
 
     def timed_call(self, inputs: dict, config: Config | None) -> Callable[[], Any]:
@@ -104,8 +80,7 @@ class NormGemvFamily(GemvPrologueFamily):
             return lambda: self.run(inputs, config)
         out, res_out = inputs["out"]
         return lambda: norm_gemv(inputs["x"], inputs["norm_w"], inputs["eps"], inputs["weight"],
-                                 residual=inputs["residual"], swiglu=inputs.get("swiglu", False), config=config,
-                                 out=out, residual_out=res_out)
+                                 residual=inputs["residual"], config=config, out=out, residual_out=res_out)
 
     def reference(self, inputs: dict) -> torch.Tensor:
         h = inputs["x"].double()
@@ -113,48 +88,40 @@ class NormGemvFamily(GemvPrologueFamily):
             h = h + inputs["residual"].double()
         y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + inputs["eps"]) * inputs["norm_w"].double()
         out = y @ inputs["weight"].double().t()
-        if inputs.get("swiglu", False):
-            gate, up = out.chunk(2, dim=-1)
-            out = gate * torch.sigmoid(gate) * up
         return out if inputs.get("residual") is None else torch.cat([out, h], dim=1)
 
     def baseline(self, inputs: dict) -> torch.Tensor:
-        """The unfused PyTorch operators: the rmsnorm family's PyTorch RMSNorm, then F.linear (then
-        the silu_mul family's PyTorch activation, with swiglu)."""
-        act = silu_mul_torch if inputs.get("swiglu", False) else (lambda t: t)
+        """The unfused PyTorch pair: the rmsnorm family's PyTorch RMSNorm, then F.linear."""
         if inputs.get("residual") is None:
-            return act(F.linear(rmsnorm_torch(inputs["x"], inputs["norm_w"], inputs["eps"]), inputs["weight"]))
+            return F.linear(rmsnorm_torch(inputs["x"], inputs["norm_w"], inputs["eps"]), inputs["weight"])
         y, h = rmsnorm_torch(inputs["x"], inputs["norm_w"], inputs["eps"], residual=inputs["residual"])
-        return torch.cat([act(F.linear(y, inputs["weight"])), h], dim=1)
+        return torch.cat([F.linear(y, inputs["weight"]), h], dim=1)
 
     def call(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, *,
              config: Config | None = None, **kwargs: Any) -> torch.Tensor:
         return norm_gemv(x, norm_w, eps, weight, config=config, **kwargs)
 
     def shape_from_call(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor, *,
-                        residual: torch.Tensor | None = None, swiglu: bool = False, **_: Any) -> Shape:
-        return _shape(x.shape[0], weight.shape[0], x.shape[1], residual is not None, swiglu)
+                        residual: torch.Tensor | None = None, **_: Any) -> Shape:
+        return {"M": x.shape[0], "N": weight.shape[0], "K": x.shape[1], "residual": residual is not None}
 
     # --- cost model ---------------------------------------------------------------------------
     def flops(self, shape: Shape) -> float:
-        M, N, K, residual, swiglu = _dims(shape)
-        # The products and sums, plus per element of x: the square, its sum, the norm weight (and the
-        # add); per activation, as silu_mul counts it.
-        return float(2 * M * N * K + M * K * (4 if residual else 3) + (5 * M * N // 2 if swiglu else 0))
+        M, N, K, residual = _dims(shape)
+        # The products and sums, plus per element of x: the square, its sum, the norm weight (and the add).
+        return float(2 * M * N * K + M * K * (4 if residual else 3))
 
     def bytes(self, shape: Shape, dtype: str) -> float:
-        M, N, K, residual, swiglu = _dims(shape)
+        M, N, K, residual = _dims(shape)
         elt = torch.empty((), dtype=torch_dtype(dtype)).element_size()
         # W once, x, the norm weight and C (+ residual in, new residual out).
-        return float((N * K + M * K * (3 if residual else 1) + K + M * (N // 2 if swiglu else N)) * elt)
+        return float((N * K + M * K * (3 if residual else 1) + K + M * N) * elt)
 
     def tiny_shapes(self) -> list[Shape]:
         return [
             {"M": 1, "N": 40, "K": 96, "residual": True},  # decode; no tile divides N
             {"M": 3, "N": 64, "K": 200, "residual": False},  # padded rows; no K tile divides K
             {"M": 4, "N": 33, "K": 128, "residual": True},
-            {"M": 1, "N": 48, "K": 96, "residual": True, "swiglu": True},  # decode's gate/up and activation
-            {"M": 2, "N": 44, "K": 128, "residual": False, "swiglu": True},  # 22 activations: wrapped columns
         ]
 
 
@@ -168,15 +135,13 @@ def norm_gemv(
     weight: torch.Tensor,
     *,
     residual: torch.Tensor | None = None,
-    swiglu: bool = False,
     config: Config | None = None,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """C = rmsnorm(x [+ residual]) @ weight^T for M <= 4 rows, one kernel.
 
-    x [M, K], norm_w [K], weight [N, K]; residual [M, K] or None. Returns out [M, N] in x's dtype;
-    with ``swiglu``, weight = [W_gate; W_up] (N even) and out [M, N / 2] = silu(gate) * up.
+    x [M, K], norm_w [K], weight [N, K]; residual [M, K] or None. Returns out [M, N] in x's dtype.
     With a residual, h = x + residual (rounded to x's dtype) is written to ``residual_out`` [M, K],
     which must be given and must not overlap x or residual (every program reads those while the
     first one writes). Last dims contiguous; rows may have any stride. ``config`` None: the
@@ -194,10 +159,6 @@ def norm_gemv(
     checks.shape(fn, "norm_w", norm_w, (K,), "[K]")
     checks.shape(fn, "weight", weight, (N, K), "[N, K]")
     check_rows(fn, M)
-    if not isinstance(swiglu, bool):
-        raise TypeError(f"{fn}: swiglu must be a bool, got {swiglu!r}")
-    if swiglu and N % 2:
-        raise ValueError(f"{fn}: swiglu needs weight = [W_gate; W_up] of even N, got N={N}")
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"{fn}: config must be a dict or None, got {type(config).__name__}")
     tensors = {"x": x, "norm_w": norm_w, "weight": weight}
@@ -214,19 +175,19 @@ def norm_gemv(
             if M and K and residual_out.untyped_storage().data_ptr() == other.untyped_storage().data_ptr():
                 raise ValueError(f"{fn}: residual_out shares memory with {name}; other programs still read it")
         tensors.update(residual=residual, residual_out=residual_out)
-    width = N // 2 if swiglu else N
     if out is None:
-        out = x.new_empty(M, width)
+        out = x.new_empty(M, N)
     checks.tensor(fn, "out", out, 2)
     checks.float_dtype(fn, "out", out, like=x)
-    checks.shape(fn, "out", out, (M, width), "[M, N / 2]" if swiglu else "[M, N]")
+    checks.shape(fn, "out", out, (M, N), "[M, N]")
     tensors["out"] = out
     checks.same_device(fn, **tensors)
     for name, t in tensors.items():
         checks.unit_last_stride(fn, name, t)
     if M == 0 or N == 0:
         return out
-    module = FAMILY.resolve(_shape(M, N, K, residual is not None, swiglu), dtype_name(x.dtype), config)[1]
+    shape = {"M": M, "N": N, "K": K, "residual": residual is not None}
+    module = FAMILY.resolve(shape, dtype_name(x.dtype), config)[1]
     if residual is None:
         module.launch(x, norm_w, weight, out, eps)
     else:

@@ -87,15 +87,13 @@ def test_targets_breakdown_figures_and_wandb(run_dir: Path):
 
 def test_tune_only_fills_the_cache(tmp_path: Path):
     cache = tmp_path / "cache.json"
-    # The activation: silu_mul in the prefill; at decode in the epilogue of the gate/up GEMV
-    # (norm_gemv, tuned with the QKV GEMVs of the first and the other layers).
-    bench(tmp_path / "run", "tune.n_trials=1", "tune.only=true", "tune.families=[silu_mul,norm_gemv]",
+    # The activation: inside the down projection at decode (silu_gemv), silu_mul in the prefill.
+    bench(tmp_path / "run", "tune.n_trials=1", "tune.only=true", "tune.families=[silu_mul,silu_gemv]",
           "tune.decode_sizes=[1]", f"tune.storage={tmp_path / 'optuna.db'}", f"config_cache={cache}",
           "logger.mode=disabled")
     tuned = pd.read_csv(tmp_path / "run" / "tuned_configs.csv")
-    assert sorted(tuned["family"]) == ["norm_gemv"] * 3 + ["silu_mul"]
+    assert sorted(tuned["family"]) == ["silu_gemv", "silu_mul"]
     entries = json.loads(cache.read_text())["entries"]
     rows = sorted(e["shape"].get("tokens", e["shape"].get("M")) for e in entries.values())
-    assert rows == [1, 1, 1, 18]  # decode 1 (norm_gemv); prefill = max_model_len 18 (silu_mul)
-    assert sum(bool(e["shape"].get("swiglu")) for e in entries.values()) == 1
+    assert rows == [1, 18]  # decode 1 (silu_gemv); prefill = max_model_len 18 (silu_mul)
     assert (tmp_path / "run" / "results.csv").read_text().strip() == ""  # tuning only: nothing benchmarked

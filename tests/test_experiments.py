@@ -70,15 +70,13 @@ def test_llama_1b_gemm_shapes_follow_the_model_dims() -> None:
     nk = {(s["N"], s["K"]) for s in gemm}
     # QKV (32 + 2 x 8 heads of 64), output, gate/up (2 x 8192), down, LM head (vocab 128256).
     assert nk == {(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)}
-    # Batch-1 decode runs QKV and gate/up (its activation included) inside norm_gemv; the output and
-    # down projections stay plain GEMVs.
+    # Batch-1 decode runs QKV, gate/up and down inside norm_gemv and silu_gemv; the output projection stays.
     assert {s["M"] for s in gemm if s["N"] == 3072} == {16, 64, 256, 2048}
     assert {s["M"] for s in gemm if (s["N"], s["K"]) == (2048, 2048)} == {1, 16, 64, 256, 2048}
-    assert {s["M"] for s in gemm if (s["N"], s["K"]) == (2048, 8192)} == {1, 16, 64, 256, 2048}
     fused = _model_set("llama-3.2-1b")
-    assert {(s["M"], s["N"], s["residual"], s.get("swiglu", False)) for s in fused["norm_gemv"]} == {
-        (1, 3072, False, False), (1, 3072, True, False), (1, 16384, True, True)}
-    assert "silu_gemv" not in fused
+    assert {(s["M"], s["N"], s["residual"]) for s in fused["norm_gemv"]} == {(1, 3072, False), (1, 3072, True),
+                                                                            (1, 16384, True)}
+    assert fused["silu_gemv"] == [{"M": 1, "N": 2048, "K": 8192}]
     assert {s["tokens"] for s in fused["silu_mul"]} == {16, 64, 256, 2048}
     # The LM head runs once per sequence: decode batches and the 2048-token prefill's 16, 4 and 1 prompts.
     assert {s["M"] for s in gemm if s["N"] == 128256} == {1, 4, 16, 64, 256}

@@ -11,8 +11,8 @@ Weights are kept fused as loaded (engine/loader.py): per layer one QKV projectio
                                                  (rope in place, then the rotated k and v into the
                                                   paged cache; one kernel on the Triton backend)
                 h = linear(paged_attention(q, cache), Wo)
-                a, r = norm_swiglu(h, r, Wgate_up); h = linear(a, Wdown)
-                                                  (norm_linear then silu_mul; one kernel for decode rows)
+                gu, r = norm_linear(h, r, Wgate_up); h = silu_linear(gu, Wdown)
+                                                  (silu_mul then the linear layer; one kernel for decode rows)
     final:      x, _ = rmsnorm(h, r); logits = linear(x[rows], Wlm_head)
 """
 from __future__ import annotations
@@ -115,8 +115,8 @@ class LlamaModel:
                 meta.max_context_len,
             )
             h = ops.linear(attn.reshape(T, cfg.q_size), layer.o)
-            act, residual = ops.norm_swiglu(h, layer.post_norm, cfg.rms_norm_eps, residual, layer.gate_up)
-            h = ops.linear(act, layer.down)
+            gate_up, residual = ops.norm_linear(h, layer.post_norm, cfg.rms_norm_eps, residual, layer.gate_up)
+            h = ops.silu_linear(gate_up, layer.down)
         out, _ = ops.rmsnorm(h, w.norm, cfg.rms_norm_eps, residual)
         return out
 

@@ -37,7 +37,7 @@ class TorchOps:
         return weight * normed.to(r.dtype), r
 
     def fuses_into_gemv(self, rows: int) -> bool:
-        """Whether :meth:`norm_linear` and :meth:`norm_swiglu` run as one kernel each for ``rows``
+        """Whether :meth:`norm_linear` and :meth:`silu_linear` run as one kernel each for ``rows``
         rows (never here)."""
         return False
 
@@ -50,14 +50,11 @@ class TorchOps:
         normed, residual = self.rmsnorm(x, norm_w, eps, residual)
         return self.linear(normed, weight), residual
 
-    def norm_swiglu(
-        self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, residual: torch.Tensor | None, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A Llama MLP's RMSNorm, fused gate/up projection and SwiGLU activation: (silu_mul(
-        norm_linear(x, residual)), new residual). weight [2I, H] = [W_gate; W_up] -> ([T, I], [T, H]).
-        Here the operators in turn; a backend may run them as one kernel."""
-        gate_up, residual = self.norm_linear(x, norm_w, eps, residual, weight)
-        return self.silu_mul(gate_up), residual
+    def silu_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A Llama MLP's activation and down projection: linear(silu_mul(gate_up), weight).
+        gate_up [T, 2I], weight [H, I] -> [T, H]. Here the two operators in turn; a backend may
+        run them as one kernel."""
+        return self.linear(self.silu_mul(gate_up), weight)
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T] (int).

@@ -8,9 +8,8 @@ family, launched with the config the autotuner's cache holds for the shape it ru
     norm_linear       norm_gemv         up to 4 rows (decode): rmsnorm and the linear after it as one
                                         kernel, the new residual in a fresh buffer; more rows: the
                                         rmsnorm and gemm families in turn
-    norm_swiglu       norm_gemv         up to 4 rows: the same with the SwiGLU activation as its
-                                        epilogue (the gate/up output never stored); more rows: the
-                                        rmsnorm, gemm and silu_mul families in turn
+    silu_linear       silu_gemv         up to 4 rows: silu_mul and the down projection as one kernel;
+                                        more rows: the silu_mul and gemm families in turn
     rope              rope              q and k rotated in place (views of the fused QKV output)
     rope_store        rope              the same kernel storing the rotated k and v into the paged
                                         cache too (the kv_store family's write; negative slots, the
@@ -49,7 +48,7 @@ from engine.ops.torch_ops import TorchOps
 from kernels.family import Config, dtype_name
 from kernels.gemm import GEMV_MAX_M
 
-FAMILIES = ("gemm", "rmsnorm", "norm_gemv", "rope", "silu_mul", "attention_paged")
+FAMILIES = ("gemm", "rmsnorm", "norm_gemv", "rope", "silu_mul", "silu_gemv", "attention_paged")
 
 # (family, dtype, JSON of the bucketed shape) -> what the dry run resolved for it.
 ResolvedKey = tuple[str, str, str]
@@ -138,8 +137,8 @@ class TritonOps(TorchOps):
         return x, residual
 
     def fuses_into_gemv(self, rows: int) -> bool:
-        """Up to GEMV_MAX_M rows (decode batches), :meth:`norm_linear` and :meth:`norm_swiglu` are
-        one norm_gemv kernel each."""
+        """Up to GEMV_MAX_M rows (decode batches), :meth:`norm_linear` and :meth:`silu_linear` are
+        one kernel each (norm_gemv, silu_gemv)."""
         return rows <= GEMV_MAX_M
 
     def norm_linear(
@@ -157,24 +156,14 @@ class TritonOps(TorchOps):
         self._fn["norm_gemv"](x, norm_w, eps, weight, residual=residual, out=out, residual_out=new_residual)
         return out, new_residual
 
-    def norm_swiglu(
-        self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, residual: torch.Tensor | None, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(silu_mul(linear(rmsnorm(x, residual))) [T, I], new residual [T, H]). Up to GEMV_MAX_M
-        rows one norm_gemv kernel with its SwiGLU epilogue: the down projection after it is a plain
-        GEMV, which streams faster than silu_gemv (13.8 against 10.0 us a layer in a chain of
-        llama-3.2-1b's 16 MLPs on an H200: results/decode_fusion/NOTES.md). More rows: the families
-        in turn."""
-        if not self.fuses_into_gemv(x.shape[0]):
-            return super().norm_swiglu(x, norm_w, eps, residual, weight)
-        out = x.new_empty(x.shape[0], weight.shape[0] // 2)
-        if residual is None:
-            self._fn["norm_gemv"](x, norm_w, eps, weight, swiglu=True, out=out)
-            return out, x
-        new_residual = torch.empty_like(x)  # not in place: the kernel's programs all read residual
-        self._fn["norm_gemv"](x, norm_w, eps, weight, residual=residual, swiglu=True, out=out,
-                              residual_out=new_residual)
-        return out, new_residual
+    def silu_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """linear(silu_mul(gate_up), weight) [T, H]: up to GEMV_MAX_M rows one silu_gemv kernel
+        (the activation's launch saved), more rows the two families."""
+        if not self.fuses_into_gemv(gate_up.shape[0]):
+            return super().silu_linear(gate_up, weight)
+        out = gate_up.new_empty(gate_up.shape[0], weight.shape[0])
+        self._fn["silu_gemv"](gate_up, weight, out=out)
+        return out
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their tokens' positions [T]."""

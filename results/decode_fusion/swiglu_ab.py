@@ -15,6 +15,8 @@ variant is timed: 5 interleaved rounds of 50 replays (CUDA events), the weights 
 than L2. Writes OUT/swiglu_ab.json.
 
 Run from the repository root on a GPU: PYTHONPATH=. python3 results/decode_fusion/swiglu_ab.py OUT
+It runs on commit 809b056 only: the SwiGLU epilogue (norm_gemv's swiglu) and the engine's use of it were
+reverted after these measurements.
 """
 import json
 import os

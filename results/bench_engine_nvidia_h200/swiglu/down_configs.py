@@ -7,6 +7,8 @@ context 512 with each kernel's own time, and the served time per step (3 runs, a
 Writes OUT/down_configs.json.
 
 Run from the repository root on a GPU: PYTHONPATH=. python3 results/bench_engine_nvidia_h200/swiglu/down_configs.py OUT
+It runs on commit 809b056 only: the SwiGLU epilogue (norm_gemv's swiglu) and the engine's use of it were
+reverted after these measurements.
 """
 import gc
 import json
