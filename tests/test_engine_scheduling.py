@@ -258,3 +258,55 @@ def test_schedule_ahead_continues_a_pending_window():
     one.waiting.clear()
     one.postprocess_window(pending, [[100, 7]] + [[101, 102]] * 3)
     assert f.is_finished and one.schedule_ahead(pending, 8) is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_async_windows_random_workload_invariants(seed):
+    """LLM.step's control flow with asynchronous scheduling, driven by a fake model: windows, the
+    window scheduled ahead of each one, stop tokens (EOS) inside windows, requests arriving while a
+    window is pending, and preemption when the cache runs short. After every step each block is
+    free or owned once; a sequence scheduled ahead keeps blocks for its pending and ahead steps;
+    the tokens a sequence keeps stop at its first EOS or its max_tokens."""
+    rng = random.Random(seed)
+    sched = _scheduler(num_blocks=rng.choice([10, 24, 60]), block_size=rng.choice([1, 2, 4]),
+                       max_num_seqs=rng.choice([4, 8]), max_tokens=rng.choice([4, 16]), eos=(7,))
+    cap = sched.block_manager.num_blocks * sched.block_manager.block_size
+    seqs = [_seq(i, rng.randint(1, min(cap, 20)), max_tokens=rng.randint(1, 30)) for i in range(10)]
+    arrivals = seqs[4:]
+    for s in seqs[:4]:
+        sched.add(s)
+    pending, steps, aheads = None, 0, 0
+    while sched.has_unfinished() or arrivals:
+        if arrivals and rng.random() < 0.1:
+            sched.add(arrivals.pop())
+        # As LLM.step: a window scheduled ahead runs as a window, even of one step.
+        window = pending is not None
+        if window:
+            batch, pending = pending, None
+        else:
+            batch = sched.schedule(rng.choice([2, 4]))
+            window = batch.num_steps > 1
+        if window:
+            pending = sched.schedule_ahead(batch, rng.choice([1, 3, 4]))
+            if pending is not None:
+                aheads += 1
+                bs = sched.block_manager.block_size
+                for s in pending.seqs:  # blocks for the pending window's steps and the ahead window's
+                    assert len(s.block_table) * bs >= s.num_computed_tokens + batch.num_steps + pending.num_steps
+            tokens = [[7 if rng.random() < 0.05 else rng.randrange(100, 200) for _ in batch.seqs]
+                      for _ in range(batch.num_steps)]
+            sched.postprocess_window(batch, tokens)
+            if pending is not None and all(s.is_finished for s in pending.seqs):
+                pending = None
+        elif batch.seqs:
+            sched.postprocess(batch, [rng.choice([7] + list(range(100, 120))) if f else None for f in batch.sampling])
+        sched.block_manager.check_invariants(sched.running + list(sched.waiting))
+        steps += 1
+        assert steps < 10_000, "the scheduler stopped making progress"
+    assert pending is None and sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+    assert aheads > 0
+    for s in seqs:
+        out = s.output_token_ids
+        assert s.is_finished and 1 <= len(out) <= s.params.max_tokens
+        assert 7 not in out[:-1], "a token kept after the sequence's EOS"
+        assert (s.finish_reason == "stop") == (out[-1] == 7)
