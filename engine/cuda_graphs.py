@@ -185,11 +185,9 @@ class DecodeGraphs:
         slots[b:size] = -1
         ctx[b:size] = 1
         if host is not self._device_buffers:
-            for k, (dst, src) in enumerate(zip(self._device_buffers, host)):
-                if k or not ahead:
-                    dst[:size].copy_(src[:size], non_blocking=True)
-                else:  # the real rows' ids are on the device already; only the padding's are sent
-                    dst[b:size].copy_(src[b:size], non_blocking=True)
+            for dst, src in zip(self._device_buffers, host):
+                lo = b if ahead and dst is self.ids else 0  # ahead, the real rows' ids are on the device
+                dst[lo:size].copy_(src[lo:size], non_blocking=True)
 
     def _launch(self, size: int) -> torch.Tensor:
         if size in self._graphs:

@@ -154,15 +154,22 @@ class Scheduler:
         if (self.waiting or any(n != 1 for n in batch.num_new_tokens) or not all(batch.sampling)
                 or any(s.params.temperature != 0 or s.params.logprobs for s in seqs)):
             return 1
+        return max(self._grow_window(seqs, limit, 0), 1)
+
+    def _grow_window(self, seqs: list[Sequence], limit: int, done: int) -> int:
+        """The most steps k <= ``limit`` that ``seqs`` can decode after ``done`` steps not yet
+        accounted for: within every sequence's max_tokens and max_model_len, and with free blocks
+        for all of them; the blocks are grown for done + k steps. 0 when not one step fits."""
         # Step j feeds position num_tokens - 1 + j, which must stay below max_model_len.
-        k = min([limit] + [min(s.params.max_tokens - s.num_output_tokens, self.max_model_len - s.num_tokens + 1)
-                           for s in seqs])
+        k = min([limit] + [min(s.params.max_tokens - s.num_output_tokens - done,
+                               self.max_model_len - s.num_tokens - done + 1) for s in seqs])
         bm = self.block_manager
-        while k > 1 and sum(bm.blocks_needed(s, k) for s in seqs) > bm.num_free_blocks:
+        while k > 0 and sum(bm.blocks_needed(s, done + k) for s in seqs) > bm.num_free_blocks:
             k -= 1
-        for s in seqs:
-            bm.grow(s, k)
-        return max(k, 1)
+        if k > 0:
+            for s in seqs:
+                bm.grow(s, done + k)
+        return max(k, 0)
 
     def schedule_ahead(self, pending: ScheduledBatch, limit: int) -> ScheduledBatch | None:
         """A decode window continuing ``pending``, a window whose tokens are not yet accounted for,
@@ -171,18 +178,12 @@ class Scheduler:
         leave no step after ``pending``'s. At most ``limit`` steps, as :meth:`_decode_window` gives:
         a stop token inside ``pending`` ends its sequence there, and what the window computed for it
         afterwards is dropped."""
-        seqs, done = pending.seqs, pending.num_steps
+        seqs = pending.seqs
         if self.waiting or any(s.status is not SequenceStatus.RUNNING for s in seqs):
             return None
-        k = min([limit] + [min(s.params.max_tokens - s.num_output_tokens - done,
-                               self.max_model_len - s.num_tokens - done + 1) for s in seqs])
-        bm = self.block_manager
-        while k > 0 and sum(bm.blocks_needed(s, done + k) for s in seqs) > bm.num_free_blocks:
-            k -= 1
+        k = self._grow_window(seqs, limit, pending.num_steps)
         if k < 1:
             return None
-        for s in seqs:
-            bm.grow(s, done + k)
         batch = ScheduledBatch(list(seqs), [1] * len(seqs), num_steps=k)
         self.stats.steps += 1
         return batch

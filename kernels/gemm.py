@@ -98,22 +98,23 @@ def gemv_default(rows: int, N: int, K: int) -> Config:
         r = next_pow2(rows)
         cfg = {"BLOCK_N": r, "BLOCK_K": 1024 // r, "num_warps": 2, "num_stages": 4}
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(min(GEMV_BLOCK_K), next_pow2(K)))
-
-    def per_thread() -> int:
-        return next_pow2(rows) * cfg["BLOCK_N"] * cfg["BLOCK_K"] // (32 * cfg["num_warps"])
-
-    while per_thread() > 64 and cfg["BLOCK_K"] > 64:
+    while gemv_registers(rows, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) > 64 and cfg["BLOCK_K"] > 64:
         cfg["BLOCK_K"] //= 2
-    while per_thread() < 4 and cfg["num_warps"] > 1:  # a short K: fewer warps, not idle threads
-        cfg["num_warps"] //= 2
+    while gemv_registers(rows, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) < 4 and cfg["num_warps"] > 1:
+        cfg["num_warps"] //= 2  # a short K: fewer warps, not idle threads
     return cfg
+
+
+def gemv_registers(rows: int, block_n: int, block_k: int, warps: int) -> int:
+    """Registers a thread holds for a GEMV's float32 accumulator [next_pow2(rows), block_n, block_k]."""
+    return next_pow2(rows) * block_n * block_k // (32 * warps)
 
 
 def gemv_accumulator_reject(rows: int, block_n: int, block_k: int, warps: int) -> str | None:
     """Why a GEMV's float32 accumulator [next_pow2(rows), block_n, block_k] does not suit ``warps``
     warps (it must be 4 to 64 registers a thread), or None. The gemm family's ``gemv`` variant and
     the GEMVs with a fused prologue (kernels/gemv_prologue.py) hold the same accumulator."""
-    per_thread = next_pow2(rows) * block_n * block_k // (32 * warps)
+    per_thread = gemv_registers(rows, block_n, block_k, warps)
     if not 4 <= per_thread <= 64:
         return (f"a {next_pow2(rows)}x{block_n}x{block_k} float32 accumulator is {per_thread} registers "
                 f"per thread with {warps} warps")

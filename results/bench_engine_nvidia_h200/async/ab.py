@@ -13,14 +13,14 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from engine import LLM, SamplingParams
-from engine.profile import graph_timeline, timeline_summary
-from experiments.bench_engine import ensure_checkpoint
-from experiments.suite import copy_bandwidth_gbps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this folder's parent: batch1.py
+import batch1  # noqa: E402
 
 
 def served(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[float, float, list[int]]:
@@ -41,19 +41,13 @@ def served(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[float, 
 
 
 def main(out: str) -> None:
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
-                 "copy_GBps": copy_bandwidth_gbps(), "rounds": []}
-    model = OmegaConf.load("conf/model/llama-3.2-1b.yaml")
-    path = ensure_checkpoint(OmegaConf.create({"checkpoint_dir": None, "checkpoint_root": "results/runs/checkpoints"}),
-                             model, "bfloat16")
-    llm = LLM(path, dtype="bfloat16", max_num_seqs=8, max_model_len=1024, num_decode_steps=8, gpu_memory_utilization=0.3)
-    res["floor_ms"] = llm.runner.model.weights.decode_bytes() / (res["copy_GBps"] * 1e6)
+    res: dict = {**batch1.environment(), "rounds": []}
+    llm = batch1.engine()
+    res["floor_ms"] = batch1.floor_ms(llm, res["copy_GBps"])
     prompt = torch.randint(10, 1000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=129, ignore_eos=True)
     served(llm, prompt, params)  # first calls
-    ids, positions, meta = llm.runner.dummy_inputs(1, 1, 512)
-    span = timeline_summary(graph_timeline(llm.runner.graphs.load(ids, positions, meta), replays=10))
+    span = batch1.graph_span(llm)
     res["graph_span_us"] = float(span.busy_us.iloc[-1])
     res["graph_kernels"] = span[["kernel", "calls", "busy_us", "gap_us"]].to_dict("records")
     print({"floor_ms": res["floor_ms"], "graph_span_us": res["graph_span_us"]}, flush=True)

@@ -13,14 +13,15 @@ import os
 import sys
 import time
 
+from pathlib import Path
+
 import torch
-from omegaconf import OmegaConf
 
 from engine import LLM, SamplingParams
-from engine.profile import graph_timeline, timeline_summary
-from experiments.bench_engine import ensure_checkpoint
-from experiments.suite import copy_bandwidth_gbps
 from kernels.device import programmatic_launch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this folder's parent: batch1.py
+import batch1  # noqa: E402
 
 
 def served_ms_per_step(llm: LLM, prompt: list[int], params: SamplingParams) -> float:
@@ -36,20 +37,14 @@ def served_ms_per_step(llm: LLM, prompt: list[int], params: SamplingParams) -> f
 
 
 def main(out: str, label: str) -> None:
-    res: dict = {"label": label, "pdl": programmatic_launch(), "device": torch.cuda.get_device_name(),
-                 "torch": torch.__version__, "triton": __import__("triton").__version__,
-                 "date": time.strftime("%Y-%m-%d"), "copy_GBps": copy_bandwidth_gbps()}
-    model = OmegaConf.load("conf/model/llama-3.2-1b.yaml")
-    path = ensure_checkpoint(OmegaConf.create({"checkpoint_dir": None, "checkpoint_root": "results/runs/checkpoints"}),
-                             model, "bfloat16")
-    llm = LLM(path, dtype="bfloat16", max_num_seqs=8, max_model_len=1024, num_decode_steps=8, gpu_memory_utilization=0.3)
-    res["floor_ms"] = llm.runner.model.weights.decode_bytes() / (res["copy_GBps"] * 1e6)
+    res: dict = {"label": label, "pdl": programmatic_launch(), **batch1.environment()}
+    llm = batch1.engine(async_scheduling=False)  # as when this ran: it syncs before every step
+    res["floor_ms"] = batch1.floor_ms(llm, res["copy_GBps"])
     prompts = [torch.randint(10, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (128, 37, 300)]
     params = SamplingParams(temperature=0.0, max_tokens=129, ignore_eos=True)
     res["tokens"] = [o.token_ids for o in llm.generate(prompts, [params] * 3, use_tqdm=False)]
     res["served_ms_per_step"] = [served_ms_per_step(llm, prompts[0], params) for _ in range(3)]
-    ids, positions, meta = llm.runner.dummy_inputs(1, 1, 512)
-    summary = timeline_summary(graph_timeline(llm.runner.graphs.load(ids, positions, meta), replays=10))
+    summary = batch1.graph_span(llm)
     whole = summary[summary.kernel == "graph replay"].iloc[0]
     res.update(graph_busy_us=float(whole.busy_us), graph_gap_us=float(whole.gap_us), graph_kernels=int(whole.calls),
                kernels=summary[["kernel", "calls", "busy_us", "gap_us"]].to_dict("records"))

@@ -11,17 +11,18 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch.autograd import DeviceType
 
 import kernels
 from engine import LLM, SamplingParams
 from engine.cuda_graphs import batch_buckets
-from engine.profile import graph_timeline, timeline_rows, timeline_summary
-from experiments.bench_engine import ensure_checkpoint
-from experiments.suite import copy_bandwidth_gbps
+from engine.profile import timeline_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this folder's parent: batch1.py
+import batch1  # noqa: E402
 
 from ab import served_ms_per_step  # this folder's A/B script (the script's folder is on sys.path)
 
@@ -50,17 +51,11 @@ def profile_window(llm: LLM, prompt: list[int], params: SamplingParams) -> dict:
 
 
 def main(out: str) -> None:
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
-                 "copy_GBps": copy_bandwidth_gbps(), "rounds": []}
-    model = OmegaConf.load("conf/model/llama-3.2-1b.yaml")
-    path = ensure_checkpoint(OmegaConf.create({"checkpoint_dir": None, "checkpoint_root": "results/runs/checkpoints"}),
-                             model, "bfloat16")
-    llm = LLM(path, dtype="bfloat16", max_num_seqs=8, max_model_len=1024, num_decode_steps=8, gpu_memory_utilization=0.3)
-    res["floor_ms"] = llm.runner.model.weights.decode_bytes() / (res["copy_GBps"] * 1e6)
+    res: dict = {**batch1.environment(), "rounds": []}
+    llm = batch1.engine(async_scheduling=False)  # as when this ran: one window a step() call
+    res["floor_ms"] = batch1.floor_ms(llm, res["copy_GBps"])
     prompt = torch.randint(10, 1000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=129, ignore_eos=True)
-    ids, positions, meta = llm.runner.dummy_inputs(1, 1, 512)
     for rnd in range(3):
         for pdl in ("1", "0"):
             os.environ["WORKBENCH_PDL"] = pdl
@@ -68,7 +63,7 @@ def main(out: str) -> None:
                 kernels.get_family(f)._resolved.clear()
             llm.runner.capture_decode_graphs(batch_buckets(8), llm.max_model_len)
             tokens = llm.generate([prompt], [params], use_tqdm=False)[0].token_ids  # first calls
-            span = timeline_summary(graph_timeline(llm.runner.graphs.load(ids, positions, meta), replays=10))
+            span = batch1.graph_span(llm)
             walls = [served_ms_per_step(llm, prompt, params) for _ in range(3)]
             window = profile_window(llm, prompt, params)
             row = {"round": rnd, "pdl": pdl == "1", "graph_span_us": float(span.busy_us.iloc[-1]),

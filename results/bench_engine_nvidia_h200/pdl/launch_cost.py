@@ -9,26 +9,25 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from engine import LLM, SamplingParams
-from experiments.bench_engine import ensure_checkpoint
+from engine import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this folder's parent: batch1.py
+import batch1  # noqa: E402
 
 
 def main(out: str) -> None:
-    model = OmegaConf.load("conf/model/llama-3.2-1b.yaml")
-    path = ensure_checkpoint(OmegaConf.create({"checkpoint_dir": None, "checkpoint_root": "results/runs/checkpoints"}),
-                             model, "bfloat16")
-    llm = LLM(path, dtype="bfloat16", max_num_seqs=8, max_model_len=1024, num_decode_steps=8, gpu_memory_utilization=0.3)
+    llm = batch1.engine()
     llm.generate([[5] * 100], [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)], use_tqdm=False)
     g = llm.runner.graphs
     graph, _ = g._graphs[1]
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
     for name, fn in (("replay", graph.replay),
                      ("five input copies", lambda: [d[:1].copy_(h[:1], non_blocking=True)
-                                                    for d, h in zip(g._device_buffers, g._host)])):
+                                                    for d, h in zip(g._device_buffers, g._host_sets[0])])):
         host, total = [], []
         for _ in range(30):
             torch.cuda.synchronize()
