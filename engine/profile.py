@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from engine.llm import LLM
 
 Timer = Callable[[Callable[[], Any]], float]  # fn -> milliseconds of one call
-OPERATORS = ("rmsnorm", "qkv_proj", "rope", "kv_store", "rope+kv_store", "attention", "o_proj", "gate_up_proj",
-             "silu_mul", "down_proj", "lm_head")
+OPERATORS = ("rmsnorm", "qkv_proj", "rope", "kv_store", "rope+kv_store", "attention", "rope+attention", "o_proj",
+             "gate_up_proj", "silu_mul", "down_proj", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -144,14 +144,32 @@ class _Recorder:
                  "block_size": k_cache.shape[1], "num_blocks": k_cache.shape[0]}
         return self._do("kv_store", "kv_store", shape, "kv_store", k, v, k_cache, v_cache, slot_mapping)
 
+    def rope_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, block_tables, cu_seqlens_q,
+                       context_lens, max_seqlen_q, sm_scale, max_context_len=None):
+        # As norm_linear: unfused, TorchOps' composition records rope_store and paged_attention; fused
+        # (one kernel), the call is booked as "rope+attention" (family attention_paged, its rope shape).
+        if not self.ops.fuses_rope_attention(max_seqlen_q):
+            return TorchOps.rope_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+                                           block_tables, cu_seqlens_q, context_lens, max_seqlen_q, sm_scale,
+                                           max_context_len)
+        shape = {**_paged_shape(q, k_cache, block_tables, max_seqlen_q, max_context_len), "rope": True}
+        return self._do("rope+attention", "attention_paged", shape, "rope_attention", q, k, v, positions, cos_sin,
+                        k_cache, v_cache, slot_mapping, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
+                        sm_scale, max_context_len)
+
     def paged_attention(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, sm_scale,
                         max_context_len=None):
-        # The profiled steps give every sequence the same lengths, so the cost model's shape is exact.
-        shape = {"batch": block_tables.shape[0], "query_len": max_seqlen_q, "context_len": max_context_len,
-                 "heads_q": q.shape[1], "heads_kv": k_cache.shape[2], "head_dim": q.shape[2],
-                 "block_size": k_cache.shape[1]}
+        shape = _paged_shape(q, k_cache, block_tables, max_seqlen_q, max_context_len)
         return self._do("attention", "attention_paged", shape, "paged_attention", q, k_cache, v_cache, block_tables,
                         cu_seqlens_q, context_lens, max_seqlen_q, sm_scale, max_context_len)
+
+
+def _paged_shape(q, k_cache, block_tables, max_seqlen_q, max_context_len) -> dict:
+    """The attention_paged cost-model shape of a recorded call. The profiled steps give every sequence
+    the same lengths, so it is exact."""
+    return {"batch": block_tables.shape[0], "query_len": max_seqlen_q, "context_len": max_context_len,
+            "heads_q": q.shape[1], "heads_kv": k_cache.shape[2], "head_dim": q.shape[2],
+            "block_size": k_cache.shape[1]}
 
 
 def _weight_names(llm: LLM) -> dict[int, str]:

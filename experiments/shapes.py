@@ -47,10 +47,12 @@ def model_shapes(
       (N = hidden, K = I), each at M = tokens of the step; the LM head (N = vocab, K = hidden) at
       M = sequences of the step (only each sequence's last token is sampled);
     - attention_prefill: causal varlen attention of the step's prompts;
-    - attention_paged: decode (query_len 1) over each context length, and the prompts of a prefill
-      step through the same paged path (query_len = context_len = L);
-    - rmsnorm over hidden, silu_mul over the intermediate size, and rope on q and k with the KV
-      store fused in (the Triton backend's ``rope_store``), at M = tokens of the step; kv_store
+    - attention_paged: decode (query_len 1) over each context length, with rope and the KV store
+      fused in (``"rope": True``, the Triton backend's ``rope_attention``), and the prompts of a
+      prefill step through the same paged path (query_len = context_len = L);
+    - rmsnorm over hidden and silu_mul over the intermediate size at M = tokens of the step; rope on
+      q and k with the KV store fused in (the Triton backend's ``rope_store``) at M = tokens of a
+      prefill step (a decode step's is inside its attention); kv_store
       alone, as the unfused path would write K and V into one layer's cache (the largest decode
       batch at the longest context).
     Steps of at most GEMV_MAX_M tokens run as the engine's Triton backend runs them: the norms
@@ -84,7 +86,7 @@ def model_shapes(
         "attention_prefill": _unique([{"batch": b, "seqlen": L, **heads, "causal": True} for b, L in prompts]),
         "attention_paged": _unique(
             [
-                {"batch": b, "query_len": 1, "context_len": c, **heads, "block_size": block_size}
+                {"batch": b, "query_len": 1, "context_len": c, **heads, "block_size": block_size, "rope": True}
                 for b in decode_batch_sizes
                 for c in context_lens
             ]
@@ -92,7 +94,7 @@ def model_shapes(
         ),
         "rmsnorm": _unique([{"tokens": t, "hidden": H, "residual": True} for t in tokens]),
         "silu_mul": _unique([{"tokens": t, "intermediate": I} for t in unfused]),
-        "rope": _unique([{"tokens": t, **heads, "block_size": block_size} for t in tokens]),
+        "rope": _unique([{"tokens": t, **heads, "block_size": block_size} for t in sorted(set(prefill_tokens))]),
         "kv_store": _unique(
             [
                 {"tokens": t, "heads_kv": Hkv, "head_dim": D, "block_size": block_size, "num_blocks": cache_blocks}

@@ -24,6 +24,7 @@ import torch
 
 import kernels
 from kernels.family import Config, Shape, dtype_name, next_pow2
+from kernels.kv_store import check_slots, check_store
 
 MAX_HEAD_DIM = 256
 MAX_BLOCK_SIZE = 256  # tokens per cache block
@@ -260,13 +261,15 @@ def _paged_values(q, k_cache, block_tables, cu_seqlens_q, context_lens, max_seql
 
 def paged_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, max_seqlen_q: int,
-                *, max_context_len: int | None = None) -> Shape:
-    """The attention_paged shape dict of a :func:`paged` call.
+                *, max_context_len: int | None = None, k_new: torch.Tensor | None = None, **_: Any) -> Shape:
+    """The attention_paged shape dict of a :func:`paged` call (``"rope": True`` with ``k_new``).
 
     context_len is ``max_context_len`` when given, else the longest context read from the device
     (one sync), or while a CUDA graph is captured the block table's capacity.
     """
     shape = _paged_structure(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q)
+    if k_new is not None:
+        shape["rope"] = True
     if max_context_len is not None:
         longest = _positive_int("paged", "max_context_len", max_context_len)
     elif _capturing(q):
@@ -274,6 +277,38 @@ def paged_shape(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     else:
         longest = int(context_lens.max())
     return {**shape, "context_len": max(longest, shape["query_len"])}
+
+
+def _check_new_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seqlen_q: int,
+                  new_kv: dict[str, torch.Tensor | None]) -> bool:
+    """Checks of :func:`paged`'s fused rotation and store (all of k_new, v_new, cos_sin, slot_mapping, or
+    none); whether they are given."""
+    fn = "paged"
+    given = [name for name, t in new_kv.items() if t is not None]
+    if not given:
+        return False
+    if len(given) != len(new_kv):
+        raise ValueError(f"{fn}: the fused rope and KV store need k_new, v_new, cos_sin and slot_mapping; "
+                         f"got only {given}")
+    if max_seqlen_q != 1:
+        raise ValueError(f"{fn}: the fused rope and KV store serve decode only (max_seqlen_q 1), got {max_seqlen_q}")
+    k_new, v_new, cos_sin = new_kv["k_new"], new_kv["v_new"], new_kv["cos_sin"]
+    _tensor(fn, "k_new", k_new, 3)
+    T, hq, d = q.shape
+    if k_new.shape != (T, k_cache.shape[2], d):
+        raise ValueError(f"{fn}: k_new must be [T, Hkv, D] = {[T, k_cache.shape[2], d]}, got {list(k_new.shape)}")
+    check_store(fn, k_new, v_new, k_cache, v_cache, new_kv["slot_mapping"])
+    _same_float(fn, q, k_new=k_new)
+    if d % 2:
+        raise ValueError(f"{fn}: rope needs an even head dim, got {d}")
+    _tensor(fn, "cos_sin", cos_sin, 2)
+    if cos_sin.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"{fn}: cos_sin has dtype {cos_sin.dtype}; expected torch.float32 or q's {q.dtype}")
+    if cos_sin.shape[1] != d or cos_sin.device != q.device:
+        raise ValueError(f"{fn}: cos_sin must be [max_pos, D={d}] on {q.device}, got {list(cos_sin.shape)} on "
+                         f"{cos_sin.device}")
+    check_slots(fn, new_kv["slot_mapping"], k_cache.shape[0] * k_cache.shape[1])
+    return True
 
 
 def paged(
@@ -290,6 +325,10 @@ def paged(
     out: torch.Tensor | None = None,
     max_context_len: int | None = None,
     check_values: bool = True,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    cos_sin: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of new query tokens over a paged KV cache (decode, chunked prefill, cached prefix).
 
@@ -304,9 +343,21 @@ def paged(
     check_values: read the metadata back to check it (one host sync; it also gives the longest
     context). Without either, the default config is picked for the block table's capacity.
     Returns out [T, Hq, D].
+
+    Decode with the rotary embedding and the KV store fused in (the engine's decode step): with
+    k_new and v_new [T, Hkv, D] (the step's new keys and values, of q's dtype, unit stride along D;
+    views of a fused QKV output work), cos_sin [max_pos, D] (``kernels.rope.rope_cache``: cos of
+    the D/2 angles, then sin; float32 or q's dtype) and slot_mapping [T] (int32 or int64; negative:
+    store nothing), all four or none, and max_seqlen_q 1: q holds unrotated queries; q and k_new are
+    rotated by the query's position context_lens[b] - 1 (Hugging Face's rotate_half), k_new and
+    v_new are stored into the caches at the slots, and the newest position is attended from them.
+    q, k_new and v_new are left as they were. The caches need not hold the newest position before.
     """
     fn = "paged"
     shape = _paged_structure(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q)
+    new_kv = {"k_new": k_new, "v_new": v_new, "cos_sin": cos_sin, "slot_mapping": slot_mapping}
+    if _check_new_kv(q, k_cache, v_cache, max_seqlen_q, new_kv):
+        shape["rope"] = True
     scale = _scale(fn, sm_scale, q.shape[2])
     out = _out(fn, out, q)
     longest = block_tables.shape[1] * shape["block_size"]
@@ -323,7 +374,9 @@ def paged(
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     target = _unit_last(out)
-    launch(_unit_last(q), k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, target, max_seqlen_q, scale)
+    rope = () if k_new is None else (k_new, v_new, cos_sin.contiguous(), slot_mapping)
+    launch(_unit_last(q), k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, target, max_seqlen_q, scale,
+           *rope)
     if target is not out:
         out.copy_(target)
     return out

@@ -12,6 +12,12 @@ Tunables: TILE (keys per step along the context), SPLIT, HEADS (query heads of o
 program), BLOCK_Q (general only), num_warps, num_stages. The generator specialises on the head dim,
 GQA group and cache block size.
 
+A decode shape with ``"rope": True`` is the engine's decode attention with the rotary embedding and
+the KV store fused in (the decode variants only): q and the step's new keys arrive unrotated, are
+rotated by the query's position (context_lens - 1), the new keys and values are stored into the
+caches, and the newest position joins the softmax from registers (see the template's docstring and
+:func:`kernels.attention.paged`'s ``new_kv``). It takes the configs of the same shape without rope.
+
 The template is ``kernels/templates/attention_paged.py.j2``; the direct call is
 :func:`kernels.attention.paged`.
 """
@@ -26,6 +32,7 @@ from kernels import attention
 from kernels.attention_prefill import MAX_FP32_REGS, head_dim_pad, nearest_config, sdpa_reference
 from kernels.device import device_facts, programmatic_launch
 from kernels.family import Config, Family, Shape, next_pow2, positive_dims, torch_dtype
+from kernels.rope import rope_cache
 
 _KEYS = ("batch", "query_len", "context_len", "heads_q", "heads_kv", "head_dim", "block_size")
 _MAX_ACC_REGS = 192  # float32 accumulator + score registers per thread before spilling
@@ -50,6 +57,17 @@ def _dims(shape: Shape) -> tuple[int, int, int, int, int, int, int]:
     return B, lq, lc, hq, hkv, d, bs
 
 
+def _rope(shape: Shape) -> bool:
+    """Whether ``shape`` is the rope-fused decode (``ValueError`` unless it is a decode shape of even head dim)."""
+    if not shape.get("rope", False):
+        return False
+    if shape["query_len"] != 1:
+        raise ValueError(f"attention_paged: rope is fused only into decode (query_len 1), got query_len {shape['query_len']}")
+    if shape["head_dim"] % 2:
+        raise ValueError(f"attention_paged: rope needs an even head_dim, got {shape['head_dim']}")
+    return True
+
+
 def _rows(config: Config) -> int:
     """Rows of the score tile: BLOCK_Q tokens x the heads padded to a power of two, at least 16."""
     return max(16, config["BLOCK_Q"] * next_pow2(config["HEADS"]))
@@ -58,7 +76,7 @@ def _rows(config: Config) -> int:
 class PagedFamily(Family):
     name = "attention_paged"
     template_file = "attention_paged.py.j2"
-    template_version = 2
+    template_version = 3
 
     # --- search space ---------------------------------------------------------------------------
     def space(self, shape: Shape, dtype: str) -> dict[str, list]:
@@ -66,8 +84,9 @@ class PagedFamily(Family):
         torch_dtype(dtype)
         group = hq // hkv
         decode = lq == 1
+        rope = _rope(shape)
         return {
-            "variant": ["decode", "decode_split", "general"] if decode else ["general"],
+            "variant": (["decode", "decode_split"] + ([] if rope else ["general"])) if decode else ["general"],
             "TILE": [t for t in (16, 32, 64, 128, 256) if t <= max(16, next_pow2(lc))],
             "SPLIT": [1] + [s for s in (2, 4, 8, 16, 32, 64) if decode and s <= math.ceil(lc / 16)],
             "HEADS": [h for h in range(1, group + 1) if group % h == 0],
@@ -143,6 +162,7 @@ class PagedFamily(Family):
             "NUM_WARPS": config["num_warps"],
             "NUM_STAGES": config["num_stages"],
             "FP32": dtype == "float32",
+            "ROPE": _rope(shape),
             "PDL": programmatic_launch(),
         }
 
@@ -158,6 +178,12 @@ class PagedFamily(Family):
         1..query_len and context lengths in query_len..context_len, avoiding multiples of the block
         size. ``query_lens`` / ``context_lens``: the ``batch`` lengths to use instead (a query no
         longer than its context, contexts up to context_len). Table entries past a context are -1.
+
+        A ``rope`` shape adds the fused rotation's inputs: q, k_new and v_new as views of one fused
+        QKV buffer [T, (Hq + 2 Hkv) D] (unrotated), cos_sin (``rope_cache`` at theta 100, so that
+        short contexts rotate every dim a lot) and slot_mapping, each token's newest position's slot
+        (which holds noise before the call), the last sequence's -1 (a padding row: nothing stored)
+        when there are several.
         """
         B, lq, lc, hq, hkv, d, bs = _dims(shape)
         dt = torch_dtype(dtype)
@@ -184,31 +210,52 @@ class PagedFamily(Family):
             used += n
         gen = torch.Generator(device=device).manual_seed(seed)
         k_cache, v_cache = (torch.randn(num_blocks, bs, hkv, d, generator=gen, device=device, dtype=dt) for _ in range(2))
-        q = torch.randn(sum(qlen), hq, d, generator=gen, device=device, dtype=dt)
+        T = sum(qlen)
         cu = torch.tensor([0, *torch.tensor(qlen).cumsum(0).tolist()], dtype=torch.int32)
-        return {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": table.to(device),
-                "cu_seqlens_q": cu.to(device), "context_lens": torch.tensor(ctx, dtype=torch.int32, device=device),
-                "max_seqlen_q": lq, "out": torch.empty_like(q)}
+        inputs = {"k_cache": k_cache, "v_cache": v_cache, "block_tables": table.to(device),
+                  "cu_seqlens_q": cu.to(device), "context_lens": torch.tensor(ctx, dtype=torch.int32, device=device),
+                  "max_seqlen_q": lq}
+        if not _rope(shape):
+            inputs["q"] = torch.randn(T, hq, d, generator=gen, device=device, dtype=dt)
+        else:
+            qkv = torch.randn(T, (hq + 2 * hkv) * d, generator=gen, device=device, dtype=dt)
+            q, k_new, v_new = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
+            slots = torch.full((T,), -1, dtype=torch.int64)
+            for b in range(B if B == 1 else B - 1):
+                if qlen[b]:
+                    p = ctx[b] - 1
+                    slots[cu[b]] = int(table[b, p // bs]) * bs + p % bs
+            inputs.update(q=q.view(T, hq, d), k_new=k_new.view(T, hkv, d), v_new=v_new.view(T, hkv, d),
+                          cos_sin=rope_cache(d, lc, 100.0, device=device), slot_mapping=slots.to(device))
+        inputs["out"] = torch.empty(T, hq, d, device=device, dtype=dt)
+        return inputs
 
     def _args(self, inputs: dict) -> tuple:
         return tuple(inputs[k] for k in ("q", "k_cache", "v_cache", "block_tables", "cu_seqlens_q", "context_lens",
                                          "max_seqlen_q"))
 
+    @staticmethod
+    def _new_kv(inputs: dict) -> dict:
+        """The fused rotation's arguments of :func:`kernels.attention.paged`, when ``inputs`` has them."""
+        return {k: inputs[k] for k in ("k_new", "v_new", "cos_sin", "slot_mapping") if k in inputs}
+
     def shape_of(self, inputs: dict) -> Shape:
-        return self.shape_from_call(*self._args(inputs))
+        return self.shape_from_call(*self._args(inputs), **self._new_kv(inputs))
 
     def run(self, inputs: dict, config: Config | None) -> torch.Tensor:
-        return attention.paged(*self._args(inputs), config=config, out=inputs.get("out"))
+        return attention.paged(*self._args(inputs), config=config, out=inputs.get("out"), **self._new_kv(inputs))
 
     def timed_call(self, inputs: dict, config: Config | None) -> Callable[[], Any]:
         """The launch without the host read-back of the metadata (checked by ``run``)."""
-        args = self._args(inputs)
+        args, new_kv = self._args(inputs), self._new_kv(inputs)
         longest = int(inputs["context_lens"].max())
         return lambda: attention.paged(*args, config=config, out=inputs["out"], max_context_len=longest,
-                                       check_values=False)
+                                       check_values=False, **new_kv)
 
     def reference(self, inputs: dict) -> torch.Tensor:
-        """Per sequence: gather its cache positions through the block table, float64 causal attention."""
+        """Per sequence: gather its cache positions through the block table, float64 causal attention.
+        With the fused rotation: q and k_new rotated in float64 and rounded to their dtype (as the
+        kernel rounds them), the newest position's key and value those of the step, not the cache's."""
         q, k_cache, v_cache = inputs["q"], inputs["k_cache"], inputs["v_cache"]
         bs, hkv, d = k_cache.shape[1:]
         cu = inputs["cu_seqlens_q"].tolist()
@@ -219,15 +266,37 @@ class PagedFamily(Family):
             blocks = table[b, : -(-ctx[b] // bs)]
             k = k_cache[blocks].reshape(-1, hkv, d)[: ctx[b]]
             v = v_cache[blocks].reshape(-1, hkv, d)[: ctx[b]]
+            qb = q[lo:hi]
+            if "cos_sin" in inputs and hi > lo:
+                angles = inputs["cos_sin"][ctx[b] - 1]
+                qb = rotate_reference(qb, angles)
+                k, v = k.clone(), v.clone()
+                k[-1], v[-1] = rotate_reference(inputs["k_new"][lo], angles), inputs["v_new"][lo]
             pos = ctx[b] - (hi - lo) + torch.arange(hi - lo, device=q.device)
-            out[lo:hi] = sdpa_reference(q[lo:hi], k, v, pos, 1.0 / math.sqrt(d))
+            out[lo:hi] = sdpa_reference(qb, k, v, pos, 1.0 / math.sqrt(d))
         return out
+
+    def cache_reference(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The caches after a call with the fused rotation and store: the rotated k_new (rounded) and
+        v_new at each non-negative slot, every other slot as before."""
+        k_cache, v_cache = inputs["k_cache"].clone(), inputs["v_cache"].clone()
+        bs = k_cache.shape[1]
+        cu, ctx = inputs["cu_seqlens_q"].tolist(), inputs["context_lens"].tolist()
+        for b, (lo, hi) in enumerate(zip(cu[:-1], cu[1:])):
+            slot = int(inputs["slot_mapping"][lo]) if hi > lo else -1
+            if slot >= 0:
+                rotated = rotate_reference(inputs["k_new"][lo], inputs["cos_sin"][ctx[b] - 1])
+                k_cache[slot // bs, slot % bs] = rotated.to(k_cache.dtype)
+                v_cache[slot // bs, slot % bs] = inputs["v_new"][lo]
+        return k_cache, v_cache
 
     def baseline(self, inputs: dict) -> torch.Tensor | None:
         """torch SDPA over a contiguous cache of the same shape, [B, Hkv, context, D] (gathered on the
         first call and kept in ``inputs``), when every sequence has the same query and context
         lengths; None otherwise. Queries are bottom-right aligned: causal when they fill the
         context, an explicit mask when they are a suffix of it, none for decode."""
+        if "cos_sin" in inputs:
+            return None  # SDPA has no fused rotation; the plain decode shape is its comparison
         if "_sdpa_kv" not in inputs:
             inputs["_sdpa_kv"] = _contiguous_cache(inputs)
         kv = inputs["_sdpa_kv"]
@@ -252,9 +321,9 @@ class PagedFamily(Family):
                                config=config, **kwargs)
 
     def shape_from_call(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, *,
-                        max_context_len: int | None = None, **_: Any) -> Shape:
+                        max_context_len: int | None = None, k_new: torch.Tensor | None = None, **_: Any) -> Shape:
         return attention.paged_shape(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
-                                     max_context_len=max_context_len)
+                                     max_context_len=max_context_len, k_new=k_new)
 
     def bucket(self, shape: Shape) -> Shape:
         """Batch, query length and context length rounded up to powers of two (decode stays 1), so
@@ -284,7 +353,19 @@ class PagedFamily(Family):
             {"batch": 3, "query_len": 1, "context_len": 45, "heads_q": 4, "heads_kv": 2, "head_dim": 64, "block_size": 16},
             {"batch": 3, "query_len": 7, "context_len": 29, "heads_q": 4, "heads_kv": 1, "head_dim": 32, "block_size": 8},
             {"batch": 2, "query_len": 1, "context_len": 70, "heads_q": 8, "heads_kv": 1, "head_dim": 80, "block_size": 32},
+            {"batch": 3, "query_len": 1, "context_len": 77, "heads_q": 8, "heads_kv": 2, "head_dim": 48, "block_size": 8,
+             "rope": True},
         ]
+
+
+def rotate_reference(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x [..., D] rotated by one position's cos/sin row ``angles`` [D] (cos of the D/2 angles, then
+    sin; Hugging Face's rotate_half pairing) in float64, rounded to x's dtype, returned as float64."""
+    half = x.shape[-1] // 2
+    x64, a = x.double(), angles.double()
+    cos, sin = a[:half], a[half:]
+    x1, x2 = x64[..., :half], x64[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype).double()
 
 
 def _contiguous_cache(inputs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -139,6 +139,61 @@ def test_paged_decode(block_size: int, variant: str, split: int, dtype: str, dev
     _check(PAGED, inputs, config, dtype, device)
 
 
+def _rope_inputs(ctx, bs, dtype, device, seed=0, head_dim=64):
+    shape = {"batch": len(ctx), "query_len": 1, "context_len": max(ctx), "heads_q": 8, "heads_kv": 2,
+             "head_dim": head_dim, "block_size": bs, "rope": True}
+    return shape, PAGED.make_inputs(shape, dtype, device, seed=seed, context_lens=ctx)
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize("variant,split,tile", [("decode", 1, 16), ("decode_split", 4, 16), ("decode_split", 2, 32)])
+def test_paged_decode_with_fused_rope_and_store(block_size: int, variant: str, split: int, tile: int, dtype: str,
+                                                device: torch.device) -> None:
+    # Contexts: the first token (only the newest position), the newest alone in a new tile and in a
+    # new block, the newest ending a tile, and a padding row (the last: slot -1, nothing stored).
+    # The newest position's cache slot holds noise before the call; reading it fails the reference.
+    ctx = [1, tile + 1, 2 * tile, 3 * block_size + 5, 70]
+    shape, inputs = _rope_inputs(ctx, block_size, dtype, device, seed=block_size + split)
+    config = {**PAGED.default_config(shape, dtype), "variant": variant, "SPLIT": split, "TILE": tile}
+    PAGED.check_config(shape, dtype, config)
+    before = {k: inputs[k].clone() for k in ("q", "k_new", "v_new", "k_cache", "v_cache")}
+    k_want, v_want = PAGED.cache_reference(inputs)
+    _check(PAGED, inputs, config, dtype, device)
+    for name in ("q", "k_new", "v_new"):
+        assert torch.equal(inputs[name], before[name]), f"{name} was modified"
+    one_ulp = {"float32": 2**-23, "float16": 2**-10, "bfloat16": 2**-7}[dtype]
+    for got, want, old in ((inputs["k_cache"], k_want, before["k_cache"]), (inputs["v_cache"], v_want,
+                                                                              before["v_cache"])):
+        written = (want != old).flatten(2).any(-1)  # [blocks, slots]: the stored positions
+        assert int(written.sum()) == len(ctx) - 1  # every row but the padding one
+        assert torch.equal(got[~written], old[~written])  # nothing else touched
+        # Rounded once each way, from float32 here and float64 there: a few ulps of the largest value.
+        want = want[written].double()
+        torch.testing.assert_close(got[written].double(), want, rtol=one_ulp, atol=4 * one_ulp * float(want.abs().max()))
+
+
+def test_paged_fused_rope_in_the_engine_shapes_and_its_bad_input() -> None:
+    shape, i = _rope_inputs([5, 9], 8, "float32", "cpu")
+    args = (i["q"], i["k_cache"], i["v_cache"], i["block_tables"], i["cu_seqlens_q"], i["context_lens"], 1)
+    new_kv = {k: i[k] for k in ("k_new", "v_new", "cos_sin", "slot_mapping")}
+    assert PAGED.shape_from_call(*args, max_context_len=9, **new_kv) == {**shape, "context_len": 9}
+    assert "general" not in PAGED.space(shape, "float32")["variant"]
+    with pytest.raises(ValueError, match="need k_new, v_new, cos_sin and slot_mapping; got only"):
+        attention.paged(*args, k_new=i["k_new"], v_new=i["v_new"])
+    with pytest.raises(ValueError, match="decode only"):
+        attention.paged(*args[:-1], 2, **new_kv)
+    with pytest.raises(ValueError, match=r"cos_sin must be \[max_pos, D=64\]"):
+        attention.paged(*args, **{**new_kv, "cos_sin": i["cos_sin"][:, :32]})
+    with pytest.raises(TypeError, match="cos_sin has dtype"):
+        attention.paged(*args, **{**new_kv, "cos_sin": i["cos_sin"].double()})
+    with pytest.raises(ValueError, match="k_new must be"):
+        attention.paged(*args, **{**new_kv, "k_new": i["k_new"][:, :1], "v_new": i["v_new"][:, :1]})
+    with pytest.raises(ValueError, match="slot 10000 is past"):
+        attention.paged(*args, **{**new_kv, "slot_mapping": torch.tensor([0, 10_000])})
+    with pytest.raises(ValueError, match="rope is fused only into decode"):
+        PAGED.space({**shape, "query_len": 2}, "float32")
+
+
 def test_paged_decode_split_relaunched_on_new_inputs(dtype: str, device: torch.device) -> None:
     """Three launches of one split-KV config on different inputs each give their own reference:
     nothing of a launch's workspace (the slices' partials and log-sum-exps) leaks into the next."""

@@ -27,14 +27,18 @@ def test_breakdown_of_a_prefill_and_a_decode_step(llm, tmp_path):
     df = profile_steps(llm, steps, ceilings=(1.0, 10.0))
     c, layers = llm.config, llm.config.num_layers
     calls = {"rmsnorm": 2 * layers + 1, "qkv_proj": layers, "rope+kv_store": layers, "attention": layers,
-             "o_proj": layers, "gate_up_proj": layers, "silu_mul": layers, "down_proj": layers, "lm_head": 1}
+             "rope+attention": layers, "o_proj": layers, "gate_up_proj": layers, "silu_mul": layers,
+             "down_proj": layers, "lm_head": 1}
     for step, tokens in ((steps[0], 16), (steps[1], 2)):
         g = df[df["step"] == step.label].set_index("operator")
         # Two decode rows: each layer's norms run inside the qkv and gate/up kernels (norm_gemv) and
         # the activation inside the down projection's (silu_gemv); only the final norm is its own kernel.
         fused = step.phase == "decode"
-        # rope and the KV store are one kernel (the rope family's fused store) on the Triton backend.
-        ops = [op for op in OPERATORS if op not in ("rope", "kv_store") and not (fused and op == "silu_mul")]
+        # rope and the KV store are one kernel (the rope family's fused store) on the Triton backend;
+        # in a decode step attention is that kernel too (attention_paged's rope shape).
+        unfused = ("rope+kv_store", "attention") if fused else ("rope+attention",)
+        ops = [op for op in OPERATORS
+               if op not in ("rope", "kv_store", *unfused) and not (fused and op == "silu_mul")]
         assert list(g.index[: len(ops)]) == ops
         want = {**calls, "rmsnorm": 1 if fused else 2 * layers + 1}
         assert g.loc[ops, "calls"].to_dict() == {op: want[op] for op in ops}
@@ -48,10 +52,13 @@ def test_breakdown_of_a_prefill_and_a_decode_step(llm, tmp_path):
         norm_flops = tokens * c.hidden_size * (3 + 4 * (layers - 1)) if fused else 0
         assert g.loc["qkv_proj", "flops"] == layers * 2 * tokens * qkv_n * c.hidden_size + norm_flops
         assert g.loc["lm_head", "flops"] == 2 * step.seqs * c.vocab_size * c.hidden_size  # last token of each sequence
-        assert g.loc["rope+kv_store", "family"] == "rope"
-        assert g.loc["rope+kv_store", "bytes"] == kernels.get_family("rope").bytes(
-            {"tokens": tokens, "heads_q": c.num_heads, "heads_kv": c.num_kv_heads, "head_dim": c.head_dim,
-             "block_size": 4}, g.loc["rope+kv_store", "dtype"]) * layers
+        if fused:
+            assert g.loc["rope+attention", "family"] == "attention_paged"
+        else:
+            assert g.loc["rope+kv_store", "family"] == "rope"
+            assert g.loc["rope+kv_store", "bytes"] == kernels.get_family("rope").bytes(
+                {"tokens": tokens, "heads_q": c.num_heads, "heads_kv": c.num_kv_heads, "head_dim": c.head_dim,
+                 "block_size": 4}, g.loc["rope+kv_store", "dtype"]) * layers
         assert g.loc["kernels", "ms"] == pytest.approx(g.loc[ops, "ms"].sum())
         assert g.loc[ops, "share"].sum() == pytest.approx(1.0)
         row = g.loc["gate_up_proj"]

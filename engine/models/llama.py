@@ -7,10 +7,11 @@ Weights are kept fused as loaded (engine/loader.py): per layer one QKV projectio
     h = embed[ids]
     per layer:  qkv, r = norm_linear(h, r, Wqkv)  (rmsnorm, residual add fused, then the linear layer;
                                                   r = h on the first layer; one kernel for decode rows)
-                q, k, v = split(qkv); rope_store(q, k, v, positions -> cache by slot_mapping)
-                                                 (rope in place, then the rotated k and v into the
-                                                  paged cache; one kernel on the Triton backend)
-                h = linear(paged_attention(q, cache), Wo)
+                q, k, v = split(qkv); a = rope_attention(q, k, v, positions, cache, slot_mapping)
+                                                 (rope, the rotated k and v into the paged cache by
+                                                  slot, attention of q over the cache; on the Triton
+                                                  backend one kernel for decode steps, two otherwise)
+                h = linear(a, Wo)
                 gu, r = norm_linear(h, r, Wgate_up); h = silu_linear(gu, Wdown)
                                                   (silu_mul then the linear layer; one kernel for decode rows)
     final:      x, _ = rmsnorm(h, r); logits = linear(x[rows], Wlm_head)
@@ -102,16 +103,9 @@ class LlamaModel:
             q = q.reshape(T, cfg.num_heads, cfg.head_dim)
             k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-            ops.rope_store(q, k, v, positions, self.cos_sin, k_caches[i], v_caches[i], meta.slot_mapping)
-            attn = ops.paged_attention(
-                q,
-                k_caches[i],
-                v_caches[i],
-                meta.block_tables,
-                meta.cu_seqlens_q,
-                meta.context_lens,
-                meta.max_seqlen_q,
-                self.sm_scale,
+            attn = ops.rope_attention(
+                q, k, v, positions, self.cos_sin, k_caches[i], v_caches[i], meta.slot_mapping,
+                meta.block_tables, meta.cu_seqlens_q, meta.context_lens, meta.max_seqlen_q, self.sm_scale,
                 meta.max_context_len,
             )
             h = ops.linear(attn.reshape(T, cfg.q_size), layer.o)

@@ -107,6 +107,35 @@ class TorchOps:
         self.rope(q, k, positions, cos_sin)
         self.kv_store(k, v, k_cache, v_cache, slot_mapping)
 
+    def fuses_rope_attention(self, max_seqlen_q: int) -> bool:
+        """Whether :meth:`rope_attention` runs as one kernel for a step whose longest query is
+        ``max_seqlen_q`` (never here)."""
+        return False
+
+    def rope_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        context_lens: torch.Tensor,
+        max_seqlen_q: int,
+        sm_scale: float,
+        max_context_len: int | None = None,
+    ) -> torch.Tensor:
+        """A Llama attention block after its QKV projection: :meth:`rope_store` of the step's q, k, v
+        [T, H*, D], then :meth:`paged_attention` of q over the cache -> [T, Hq, D]. A backend may run
+        them as one kernel (q and k are then left unrotated in memory: read only the output)."""
+        self.rope_store(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+        return self.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
+                                    sm_scale, max_context_len)
+
     def paged_attention(
         self,
         q: torch.Tensor,
