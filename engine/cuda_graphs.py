@@ -7,9 +7,10 @@ over static buffers (device tensors that every replay reads):
 
     input_ids, positions, slot_mapping [Bmax] int64; context_lens [Bmax] int32;
     cu_seqlens_q [Bmax + 1] int32 = 0, 1, ..., Bmax (one query per sequence, never rewritten);
-    block_tables [Bmax, ceil(max_model_len / block_size)] int32
+    block_tables [Bmax, ceil(max_model_len / block_size)] int32; window_step [Bmax] int32
 
-and writes logits [B, V] in the model dtype. A step fills rows 0..b-1 from its sequences and pads rows
+and writes logits [B, V] in the model dtype, then picks each row's greedy token and advances the
+buffers to the next decode step (see the window below). A step fills rows 0..b-1 from its sequences and pads rows
 b..B-1 so that they are harmless: token 0 at position 0, slot -1 (kv_store skips it: nothing is
 written) and one cached token (attention reads one finite cache vector through whatever valid
 block id the row holds; the row's logits are never read). Attention is launched with the longest
@@ -19,9 +20,13 @@ Block-table rows are kept on the host and rewritten only where they changed: a r
 sequence's block list object and its length (the block manager only appends to a list, and a
 preemption gives the sequence a new one), so a step writes the blocks a sequence gained.
 
-A multi-step decode window (:meth:`launch_window`) replays the bucket's graph once a step; after
-each, the greedy tokens' chunk maxima (``engine.sampler.chunk_maxima``) and ``kernels.greedy_advance``
-pick the tokens and advance ids, positions, context lengths and slots on the device. The window's
+A multi-step decode window (:meth:`launch_window`) replays the bucket's graph once a step. The graph
+ends with the greedy tokens' chunk maxima (``engine.sampler.chunk_maxima``) and
+``kernels.greedy_advance``, which pick the tokens, write step j's into row j of the static
+window_tokens [W, Bmax] (window_step counts the steps on the device, from 0 at each fill), and
+advance ids, positions, context lengths and slots. (Outside the graph, those two launches cost about
+3 us a step more on an H200: results/bench_engine_nvidia_h200/fusion_bounds/.) A single step
+(:meth:`run`) reads the logits; the advance it also makes is overwritten by the next fill. The window's
 tokens then go to pinned host memory behind an event, so the host may launch the next window before
 it reads them (asynchronous scheduling): a window launched ``ahead`` of a pending one takes its input
 ids from the device, where the pending window's last step left them, and its positions, slots and
@@ -87,6 +92,7 @@ class DecodeGraphs:
         max_context_len: int,
         block_size: int,
         capture: bool,
+        window_steps: int = 8,
     ) -> None:
         if capture and k_caches.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the KV cache is on {k_caches.device}")
@@ -102,7 +108,10 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
-        self._device_buffers = (self.ids, self.positions, self.slots, self.context_lens, self.block_tables)
+        self.window_step = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.window_tokens = torch.zeros(window_steps, n, dtype=torch.int64, device=dev)
+        self._device_buffers = (self.ids, self.positions, self.slots, self.context_lens, self.block_tables,
+                                self.window_step)
         if dev.type == "cuda":
             # Pinned host copies, sent with asynchronous copies, in two sets used in turn: a window
             # launched ahead of a pending one is filled while the pending one's copies may still be
@@ -132,8 +141,8 @@ class DecodeGraphs:
         raise ValueError(f"decode batch of {batch} exceeds the largest bucket {self.max_batch}")
 
     def _forward(self, size: int) -> torch.Tensor:
-        """Logits [size, V] of the first ``size`` rows of the static buffers, in the model dtype: a
-        window's greedy tokens need no float32 copy (one kernel less in the graph), a step converts."""
+        """Logits [size, V] of the first ``size`` rows of the static buffers, in the model dtype (the
+        greedy pick reads them as they are, a step converts), then the greedy pick and advance."""
         meta = AttentionMetadata(
             slot_mapping=self.slots[:size],
             block_tables=self.block_tables[:size],
@@ -143,7 +152,13 @@ class DecodeGraphs:
             max_context_len=self.max_context_len,
         )
         hidden = self.model.forward(self.ids[:size], self.positions[:size], meta, self.k_caches, self.v_caches)
-        return self.model.lm_head(hidden)
+        logits = self.model.lm_head(hidden)
+        best, where, width = chunk_maxima(logits)
+        greedy_advance(best, where, width, self.window_tokens[:, :size], advance=True, ids=self.ids[:size],
+                       positions=self.positions[:size], context_lens=self.context_lens[:size],
+                       slots=self.slots[:size], block_tables=self.block_tables[:size], block_size=self.block_size,
+                       steps=self.window_step[:size])
+        return logits
 
     def _capture(self) -> None:
         """Capture every bucket, largest first, into one memory pool (graphs run one at a time)."""
@@ -164,7 +179,7 @@ class DecodeGraphs:
         step left the input ids on the device; every other input is known here."""
         self._set = (self._set + 1) % len(self._host_sets)
         host, cache = self._host_sets[self._set], self._rows[self._set]
-        ids, positions, slots, ctx, tables = (t.numpy() for t in host)
+        ids, positions, slots, ctx, tables, steps = (t.numpy() for t in host)
         bs = self.block_size
         b = len(seqs)
         for i, seq in enumerate(seqs):
@@ -180,6 +195,7 @@ class DecodeGraphs:
             if start < len(blocks):
                 tables[i, start : len(blocks)] = blocks[start:]
                 cache[i] = (blocks, len(blocks))
+        steps[:size] = 0
         ids[b:size] = 0
         positions[b:size] = 0
         slots[b:size] = -1
@@ -202,14 +218,6 @@ class DecodeGraphs:
         self._fill(seqs, size)
         return self._launch(size)[: len(seqs)].float()
 
-    def _advance(self, logits: torch.Tensor, size: int, tokens: torch.Tensor) -> None:
-        """Greedy tokens of a step's logits [size, V] into ``tokens`` [size], and the static buffers'
-        real rows moved to their next decode step (kernels.greedy_advance)."""
-        best, where, width = chunk_maxima(logits)
-        greedy_advance(best, where, width, tokens, advance=True, ids=self.ids[:size],
-                       positions=self.positions[:size], context_lens=self.context_lens[:size],
-                       slots=self.slots[:size], block_tables=self.block_tables[:size], block_size=self.block_size)
-
     def launch_window(self, seqs: list[Sequence], steps: int, ahead: int = 0) -> Window:
         """Launch ``steps`` greedy decode steps of ``seqs`` back to back, their blocks already grown
         for all of them (multi-step decode), and return their tokens [steps, len(seqs)] as a
@@ -220,15 +228,17 @@ class DecodeGraphs:
         advances the static buffers (input ids take the tokens, positions and context lengths grow
         by one, slots follow the block tables), so nothing waits for the host within the window, and
         a window launched ahead finds its ids where the last step left them."""
+        if not 1 <= steps <= self.window_tokens.shape[0]:
+            raise ValueError(f"a decode window takes 1 to {self.window_tokens.shape[0]} steps (window_steps), got {steps}")
         b, size = len(seqs), self.bucket(len(seqs))
         self._fill(seqs, size, ahead)
-        tokens = torch.empty(steps, size, dtype=torch.int64, device=self.ids.device)
-        for j in range(steps):
-            self._advance(self._launch(size), size, tokens[j])
+        for _ in range(steps):
+            self._launch(size)
+        tokens = self.window_tokens[:steps, :b]
         if tokens.device.type != "cuda":
-            return Window(tokens[:, :b])
+            return Window(tokens.clone())  # the buffer serves the next window too
         host = torch.empty(steps, b, dtype=torch.int64, pin_memory=True)
-        host.copy_(tokens[:, :b], non_blocking=True)
+        host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
         return Window(host, ready)
@@ -236,13 +246,16 @@ class DecodeGraphs:
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> Callable[[], torch.Tensor]:
         """Copy a decode step's device inputs (B sequences, one token each; block tables no wider
         than the buffers) into the static buffers and return the launch of its bucket: a callable
-        giving logits [bucket, V], for timing the step as served (the profiler)."""
+        giving logits [bucket, V], for timing the step as served (the profiler). Every slot is -1, so
+        that launch after launch repeats the same step: the greedy advance moves no row (it would
+        carry the context past the block table's rows) and the step stores no K and V (a few hundred
+        bytes a layer); ``meta.slot_mapping`` is not read."""
         b, width = meta.block_tables.shape
         size = self.bucket(b)
-        self.ids[:b], self.positions[:b], self.slots[:b] = input_ids, positions, meta.slot_mapping
+        self.ids[:b], self.positions[:b] = input_ids, positions
         self.context_lens[:b] = meta.context_lens
         self.block_tables[:b, :width] = meta.block_tables
-        self.slots[b:size], self.context_lens[b:size] = -1, 1
+        self.slots[:size], self.context_lens[b:size] = -1, 1
         for cache in self._rows:  # those rows no longer hold what the row caches remember
             cache[:b] = [None] * b
         return lambda: self._launch(size)

@@ -239,7 +239,8 @@ class LLM:
                                              self.max_num_seqs)
             compile_ahead(self.runner, *self.compile_plan)
         if self.uses_cuda_graphs:
-            self.runner.capture_decode_graphs(batch_buckets(self.max_num_seqs), self.max_model_len)
+            self.runner.capture_decode_graphs(batch_buckets(self.max_num_seqs), self.max_model_len,
+                                              window_steps=self.num_decode_steps)
         return rows
 
     # --- checking requests ----------------------------------------------------------------------

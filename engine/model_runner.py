@@ -119,12 +119,14 @@ class ModelRunner:
             )
         return min(cap, blocks)
 
-    def capture_decode_graphs(self, sizes: list[int], max_context_len: int, *, capture: bool = True) -> None:
+    def capture_decode_graphs(self, sizes: list[int], max_context_len: int, *, capture: bool = True,
+                              window_steps: int = 8) -> None:
         """Decode steps of up to ``max(sizes)`` sequences run padded to a size of ``sizes`` over
-        static buffers, replayed as CUDA graphs (``capture``; CUDA only) or run eagerly."""
+        static buffers, replayed as CUDA graphs (``capture``; CUDA only) or run eagerly; decode
+        windows of up to ``window_steps`` steps."""
         self.graphs = None
         self.graphs = DecodeGraphs(self.model, self.k_caches, self.v_caches, sizes=sizes, max_context_len=max_context_len,
-                                   block_size=self.block_size, capture=capture)
+                                   block_size=self.block_size, capture=capture, window_steps=window_steps)
 
     def dummy_inputs(self, num_seqs: int, query_len: int, context_len: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input_ids, positions, metadata) of a step of ``num_seqs`` sequences, each feeding its last

@@ -9,7 +9,10 @@ Inputs, for R rows (decode sequences, padding rows included):
   block_tables [R, W] int32.
 
 Per row (one program): token = where[c] + c * width for c the first chunk holding the row's maximum,
-which is ``argmax``'s first maximum of the whole row; it is written to ``tokens``. With ``advance``,
+which is ``argmax``'s first maximum of the whole row; it is written to ``tokens`` [R], or with a
+step counter ``steps`` [R] int32 to tokens[steps[row] % W, row] of ``tokens`` [W, R], the counter then
+growing by one (a decode window's steps counted on the device, so that one captured graph serves
+every step of the window; past W it wraps, which a window of at most W steps never does). With ``advance``,
 a real row (slot >= 0) moves to its next position p + 1: ids = token, positions and context_lens
 grow by one, and slots = block_tables[row, (p + 1) // block_size] * block_size + (p + 1) % block_size
 (its blocks were grown for the window beforehand). Padding rows (slot -1) stay as they are, so
@@ -27,15 +30,21 @@ from kernels.family import next_pow2
 
 
 @triton.jit
-def greedy_advance_kernel(best_ptr, where_ptr, C, width, tokens_ptr, ids_ptr, pos_ptr, ctx_ptr, slot_ptr,
-                          bt_ptr, bt_stride, bt_width, block_size, ADVANCE: tl.constexpr, BLOCK_C: tl.constexpr):
+def greedy_advance_kernel(best_ptr, where_ptr, C, width, tokens_ptr, tokens_stride, tokens_rows, steps_ptr, ids_ptr,
+                          pos_ptr, ctx_ptr, slot_ptr, bt_ptr, bt_stride, bt_width, block_size, ADVANCE: tl.constexpr,
+                          COUNTED: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
     best = tl.load(best_ptr + row * C + offs, mask=offs < C, other=-float("inf"))
     top = tl.max(best, axis=0)
     chunk = tl.min(tl.where(best == top, offs, BLOCK_C), axis=0)  # the first chunk with the maximum
     token = tl.load(where_ptr + row * C + chunk) + chunk.to(tl.int64) * width
-    tl.store(tokens_ptr + row, token)
+    if COUNTED:
+        step = tl.load(steps_ptr + row)
+        tl.store(tokens_ptr + (step % tokens_rows).to(tl.int64) * tokens_stride + row, token)
+        tl.store(steps_ptr + row, step + 1)
+    else:
+        tl.store(tokens_ptr + row, token)
     if ADVANCE:
         slot = tl.load(slot_ptr + row)
         if slot >= 0:
@@ -61,17 +70,22 @@ def greedy_advance(
     slots: torch.Tensor,
     block_tables: torch.Tensor,
     block_size: int,
+    steps: torch.Tensor | None = None,
 ) -> None:
-    """Write each row's greedy token into ``tokens`` [R] (int64) and, with ``advance``, move the real
-    rows' ids, positions, context_lens and slots [R] to their next decode step (module docstring)."""
+    """Write each row's greedy token into ``tokens`` [R] (int64), or with ``steps`` [R] (int32) into
+    ``tokens`` [W, R] at each row's step (then counted up), and, with ``advance``, move the real rows'
+    ids, positions, context_lens and slots [R] to their next decode step (module docstring)."""
     fn = "greedy_advance"
     checks.tensor(fn, "best", best, 2)
     R, C = best.shape
     checks.float_dtype(fn, "best", best)
-    expected = {"where": (where, torch.int64, (R, C)), "tokens": (tokens, torch.int64, (R,)),
+    token_shape = (R,) if steps is None else (tokens.shape[0] if tokens.dim() == 2 else 0, R)
+    expected = {"where": (where, torch.int64, (R, C)), "tokens": (tokens, torch.int64, token_shape),
                 "ids": (ids, torch.int64, (R,)), "positions": (positions, torch.int64, (R,)),
                 "slots": (slots, torch.int64, (R,)), "context_lens": (context_lens, torch.int32, (R,)),
                 "block_tables": (block_tables, torch.int32, (R, block_tables.shape[-1]))}
+    if steps is not None:
+        expected["steps"] = (steps, torch.int32, (R,))
     for name, (t, dtype, shape) in expected.items():
         checks.tensor(fn, name, t, len(shape))
         if t.dtype != dtype:
@@ -83,10 +97,14 @@ def greedy_advance(
     for name, t in (("best", best), ("where", where)):
         if not t.is_contiguous():
             raise ValueError(f"{fn}: {name} must be contiguous")
+    if steps is not None and tokens.shape[0] < 1:
+        raise ValueError(f"{fn}: tokens [W, R] needs W >= 1 rows for the steps, got {tuple(tokens.shape)}")
     if block_size < 1 or width < 1:
         raise ValueError(f"{fn}: block_size ({block_size}) and width ({width}) must be positive")
     if R == 0:
         return
-    greedy_advance_kernel[(R,)](best, where, C, width, tokens, ids, positions, context_lens, slots,
-                                block_tables, block_tables.stride(0), block_tables.shape[1], block_size,
-                                ADVANCE=advance, BLOCK_C=next_pow2(C), num_warps=1)
+    counted = steps is not None
+    greedy_advance_kernel[(R,)](best, where, C, width, tokens, tokens.stride(0) if counted else 0,
+                                tokens.shape[0] if counted else 1, steps if counted else ids, ids, positions,
+                                context_lens, slots, block_tables, block_tables.stride(0), block_tables.shape[1],
+                                block_size, ADVANCE=advance, COUNTED=counted, BLOCK_C=next_pow2(C), num_warps=1)

@@ -70,3 +70,25 @@ def test_greedy_advance_bad_input(device):
         greedy_advance(best.double(), where, width, tokens, advance=True, block_size=4, **bufs)
     with pytest.raises(ValueError, match="block_size"):
         greedy_advance(best, where, width, tokens, advance=True, block_size=0, **bufs)
+
+
+def test_greedy_advance_counts_window_steps_on_the_device(device):
+    """With a step counter, step j's tokens land in row j of tokens [W, R] and the counter grows; a
+    counter past W wraps (a profiler replaying a step's graph on and on) instead of writing past the
+    buffer. Each row keeps its own count."""
+    bufs = _buffers(device)
+    steps = torch.tensor([0, 0, 0, 0, 1], dtype=torch.int32, device=device)
+    tokens = torch.full((3, 5), -7, dtype=torch.int64, device=device)
+    g = torch.Generator().manual_seed(0)
+    wants = []
+    for _ in range(4):
+        logits = torch.randn(5, 96, generator=g).to(device)
+        wants.append(logits.argmax(dim=-1))
+        greedy_advance(*chunk_maxima(logits), tokens, advance=True, block_size=4, steps=steps, **bufs)
+    assert steps.tolist() == [4, 4, 4, 4, 5]
+    assert torch.equal(tokens[:, :4], torch.stack([wants[3], wants[1], wants[2]])[:, :4])  # step 3 wrapped to row 0
+    assert tokens[:, 4].tolist() == [wants[2][4], wants[3][4], wants[1][4]]  # the row that started at 1
+    with pytest.raises(ValueError, match=r"tokens \[W, R\] needs W >= 1"):
+        greedy_advance(*chunk_maxima(logits), tokens[:0], advance=True, block_size=4, steps=steps, **bufs)
+    with pytest.raises(TypeError, match="steps must be torch.int32"):
+        greedy_advance(*chunk_maxima(logits), tokens, advance=True, block_size=4, steps=steps.long(), **bufs)
