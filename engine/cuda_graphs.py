@@ -21,10 +21,9 @@ sequence's block list object and its length (the block manager only appends to a
 preemption gives the sequence a new one), so a step writes the blocks a sequence gained.
 
 A multi-step decode window (:meth:`launch_window`) replays the bucket's graph once a step. The graph
-ends with the greedy tokens' chunk maxima (``engine.sampler.chunk_maxima``) and
-``kernels.greedy_advance``, which pick the tokens, write step j's into row j of the static
-window_tokens [W, Bmax] (window_step counts the steps on the device, from 0 at each fill), and
-advance ids, positions, context lengths and slots. (Outside the graph, those two launches cost about
+ends with the kernels of ``kernels.greedy_advance``: the logits' chunk maxima, then the pick, which
+writes step j's tokens into row j of the static window_tokens [W, Bmax] (window_step counts the
+steps on the device, from 0 at each fill) and advances ids, positions, context lengths and slots. (Outside the graph, those two launches cost about
 3 us a step more on an H200: results/bench_engine_nvidia_h200/fusion_bounds/.) A single step
 (:meth:`run`) reads the logits; the advance it also makes is overwritten by the next fill. The window's
 tokens then go to pinned host memory behind an event, so the host may launch the next window before
@@ -41,15 +40,16 @@ Without capture (on a CPU, or to test the padding) the same padded step runs eag
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from engine.models.llama import AttentionMetadata, LlamaModel
-from engine.sampler import chunk_maxima
+from engine.sampler import ARGMAX_CHUNKS
 from engine.sequence import Sequence
-from kernels.greedy_advance import greedy_advance
+from kernels.greedy_advance import chunk_maxima, greedy_advance
 
 
 def slot_of(seq: Sequence, position: int, block_size: int) -> int:
@@ -153,7 +153,7 @@ class DecodeGraphs:
         )
         hidden = self.model.forward(self.ids[:size], self.positions[:size], meta, self.k_caches, self.v_caches)
         logits = self.model.lm_head(hidden)
-        best, where, width = chunk_maxima(logits)
+        best, where, width = chunk_maxima(logits, math.gcd(logits.shape[1], ARGMAX_CHUNKS))
         greedy_advance(best, where, width, self.window_tokens[:, :size], advance=True, ids=self.ids[:size],
                        positions=self.positions[:size], context_lens=self.context_lens[:size],
                        slots=self.slots[:size], block_tables=self.block_tables[:size], block_size=self.block_size,

@@ -114,6 +114,15 @@ class _Recorder:
         return self._do(self.weight_names[weight.data_ptr()], "norm_gemv", shape, "norm_linear", x, norm_w, eps,
                         residual, weight)
 
+    def embed_norm_linear(self, ids, embed, norm_w, eps, weight):
+        # As norm_linear: unfused, the lookup and TorchOps' norm_linear; fused, one norm_gemv kernel
+        # (its gather shape) booked under the projection.
+        if not self.ops.fuses_into_gemv(ids.shape[0]):
+            return TorchOps.embed_norm_linear(self, ids, embed, norm_w, eps, weight)
+        shape = {"M": ids.shape[0], "N": weight.shape[0], "K": embed.shape[1], "residual": False, "gather": True}
+        return self._do(self.weight_names[weight.data_ptr()], "norm_gemv", shape, "embed_norm_linear", ids, embed,
+                        norm_w, eps, weight)
+
     def silu_linear(self, gate_up, weight):
         # As norm_linear: fused, the one kernel is booked under the down projection (family silu_gemv).
         if not self.ops.fuses_into_gemv(gate_up.shape[0]):

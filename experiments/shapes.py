@@ -56,7 +56,8 @@ def model_shapes(
       alone, as the unfused path would write K and V into one layer's cache (the largest decode
       batch at the longest context).
     Steps of at most GEMV_MAX_M tokens run as the engine's Triton backend runs them: the norms
-    inside the QKV and gate/up GEMVs (norm_gemv; the first layer's QKV without a residual) and the
+    inside the QKV and gate/up GEMVs (norm_gemv; the first layer's QKV without a residual, the
+    embedding lookup inside: its gather shape) and the
     activation inside the down projection's (silu_gemv), so those GEMMs and silu_mul are not
     launched there, and rmsnorm only as the final norm.
     """
@@ -79,7 +80,8 @@ def model_shapes(
             + [{"M": m, "N": V, "K": H, "b_transposed": True} for m in seqs]
         ),
         "norm_gemv": _unique(
-            [{"M": m, "N": (Hq + 2 * Hkv) * D, "K": H, "residual": r} for m in fused for r in (False, True)]
+            [{"M": m, "N": (Hq + 2 * Hkv) * D, "K": H, "residual": True} for m in fused]
+            + [{"M": m, "N": (Hq + 2 * Hkv) * D, "K": H, "residual": False, "gather": True} for m in fused]
             + [{"M": m, "N": 2 * I, "K": H, "residual": True} for m in fused]
         ),
         "silu_gemv": [{"M": m, "N": H, "K": I} for m in fused],

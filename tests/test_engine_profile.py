@@ -116,16 +116,17 @@ def test_timeline_gives_overlapping_kernels_only_their_own_time():
 @pytest.mark.gpu
 def test_decode_graph_timeline_lists_every_kernel_of_the_graph(tmp_path_factory):
     """On the GPU (--gpu): the kernels of a captured decode graph, as its replays run them (the
-    fused decode kernels: norms and activation inside the GEMVs, the KV store inside rope); prefill
-    steps (no graph) are skipped; the replay's span is its kernels' own times plus the gaps."""
+    fused decode kernels: norms and activation inside the GEMVs, rope and the KV store inside
+    attention; the greedy pick and advance at the end); prefill steps (no graph) are skipped; the
+    replay's span is its kernels' own times plus the gaps."""
     engine = LLM(checkpoint("llama3", tmp_path_factory), block_size=4, num_kv_blocks=40, max_num_seqs=2,
                  max_num_batched_tokens=16)
     assert engine.uses_cuda_graphs
     summary = decode_graph_timelines(engine, [Step("decode", 2, 1, 12), Step("prefill", 2, 4, 4)]).set_index("kernel")
     assert set(summary["step"]) == {"decode 2 seqs @ 12"}
     kernels = summary.drop(index="graph replay")
-    assert {"gemm_kernel", "norm_gemv_kernel", "silu_gemv_kernel", "rope_kernel", "paged_kernel",
-            "rmsnorm_kernel"} <= set(kernels.index)
-    assert "kv_store_kernel" not in kernels.index
+    assert {"gemm_kernel", "norm_gemv_kernel", "silu_gemv_kernel", "paged_kernel", "rmsnorm_kernel",
+            "greedy_advance_kernel"} <= set(kernels.index)
+    assert not {"kv_store_kernel", "rope_kernel"} & set(kernels.index)
     span = summary.loc["graph replay", "busy_us"]
     assert kernels["busy_us"].sum() + kernels["gap_us"].sum() == pytest.approx(span, rel=0.02)

@@ -324,6 +324,11 @@ def test_norm_gemv_equals_the_unfused_pair_and_writes_the_residual_stream(rows, 
         (dict(out=torch.randn(2, 5)), ValueError, "out must be"),
         (dict(weight=torch.randn(8, 6).t()), ValueError, "contiguous last dim"),
         (dict(config={"BLOCK_N": 8}), ValueError, "lacks key"),
+        (dict(ids=torch.tensor([0, 1])), ValueError, "with ids, residual_out"),
+        (dict(ids=torch.tensor([0, 1]), residual=torch.randn(2, 8), residual_out=torch.randn(2, 8)), ValueError,
+         "take no residual"),
+        (dict(ids=torch.tensor([0, 2]), residual_out=torch.randn(2, 8)), ValueError, "must index the table's 2 rows"),
+        (dict(ids=torch.tensor([0.0, 1.0]), residual_out=torch.randn(2, 8)), TypeError, "ids"),
     ],
 )
 def test_norm_gemv_bad_input(change, err, match) -> None:
@@ -335,6 +340,26 @@ def test_norm_gemv_bad_input(change, err, match) -> None:
     x, norm_w, weight = args.pop("x"), args.pop("norm_w"), args.pop("weight")
     with pytest.raises(err, match=match):
         ng.norm_gemv(x, norm_w, 1e-5, weight, **args)
+
+
+def test_norm_gemv_gathers_embedding_rows_as_the_engine_looks_them_up(dtype, device) -> None:
+    """ids (a repeated one among them) pick rows of an embedding table: the same output and residual
+    stream as the engine's unfused path (the lookup, then TorchOps' norm and linear), the table left
+    as it was."""
+    from engine.ops.torch_ops import TorchOps
+
+    dt = getattr(torch, dtype)
+    V, K, N = 50, 96, 40
+    table = _randn(V, K, dtype=dt, device=device, seed=7)
+    norm_w = (1 + 0.5 * _randn(K, dtype=torch.float32, device=device, seed=8)).to(dt)
+    weight = (_randn(N, K, dtype=torch.float32, device=device, seed=9) / K**0.5).to(dt)
+    ids = torch.tensor([7, 49, 7], device=device)
+    before = table.clone()
+    rows = torch.full((3, K), float("nan"), dtype=dt, device=device)
+    out = ng.norm_gemv(table, norm_w, 1e-5, weight, ids=ids, residual_out=rows)
+    ref_out, ref_res = TorchOps().embed_norm_linear(ids, table, norm_w, 1e-5, weight)
+    assert torch.equal(rows, ref_res) and torch.equal(table, before)
+    assert rel_error(out, ref_out) <= 4 * ng.FAMILY.tolerance(dtype, device)
 
 
 # --- silu_gemv ------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.sampler import chunk_maxima
-from kernels.greedy_advance import greedy_advance
+from kernels.greedy_advance import chunk_maxima as chunk_maxima_kernel, greedy_advance
 
 
 def _buffers(device, rows=5, width=6, block_size=4):
@@ -92,3 +92,27 @@ def test_greedy_advance_counts_window_steps_on_the_device(device):
         greedy_advance(*chunk_maxima(logits), tokens[:0], advance=True, block_size=4, steps=steps, **bufs)
     with pytest.raises(TypeError, match="steps must be torch.int32"):
         greedy_advance(*chunk_maxima(logits), tokens, advance=True, block_size=4, steps=steps.long(), **bufs)
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,chunks", [(1024, 256), (1000, 8), (96, 32), (2053, 1), (4100, 2)])
+def test_chunk_maxima_kernel_matches_torch_first_maxima(vocab, chunks, logits_dtype, device):
+    """kernels.greedy_advance.chunk_maxima against torch.max over the chunks: the maxima and the
+    first index of each, with ties inside a chunk and across the 1024-logit tiles of a long chunk
+    (2053 and 2050 logits a chunk: three tiles), rows given with a stride."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, vocab + 5, generator=g).to(logits_dtype)[:, :vocab]
+    width = vocab // chunks
+    top = logits.float().max() + 1
+    logits[0, [width - 1, 2, 1]] = top.to(logits_dtype)  # ties in chunk 0, the first at 1
+    if width > 1024:
+        logits[1, [1500, 1030, 2040 % width]] = top.to(logits_dtype)  # ties in later tiles: 1030 is the first there
+    logits = logits.to(device)
+    best, where, w = chunk_maxima_kernel(logits, chunks)
+    want_best, want_where = logits.reshape(3, chunks, width).max(dim=-1)
+    assert w == width and best.dtype == logits_dtype
+    assert torch.equal(best, want_best)
+    assert torch.equal(where, want_where)
+    assert where[0, 0] == 1
+    with pytest.raises(ValueError, match="chunks must be a positive int dividing"):
+        chunk_maxima_kernel(logits, 7 if vocab % 7 else 11)

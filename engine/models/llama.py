@@ -4,9 +4,10 @@ Weights are kept fused as loaded (engine/loader.py): per layer one QKV projectio
 [(Hq + 2 Hkv) * D, H] and one gate/up projection [2 I, H]. Every operator goes through the backend
 (engine/ops), one call each, so a backend can move any of them onto a Triton kernel:
 
-    h = embed[ids]
     per layer:  qkv, r = norm_linear(h, r, Wqkv)  (rmsnorm, residual add fused, then the linear layer;
-                                                  r = h on the first layer; one kernel for decode rows)
+                                                  one kernel for decode rows; on the first layer
+                                                  embed_norm_linear(ids): h = r = embed[ids], the
+                                                  lookup inside that kernel)
                 q, k, v = split(qkv); a = rope_attention(q, k, v, positions, cache, slot_mapping)
                                                  (rope, the rotated k and v into the paged cache by
                                                   slot, attention of q over the cache; on the Triton
@@ -95,10 +96,12 @@ class LlamaModel:
         """
         cfg, ops, w = self.config, self.ops, self.weights
         T = input_ids.shape[0]
-        h = w.embed[input_ids]
-        residual = None
+        h = residual = None
         for i, layer in enumerate(w.layers):
-            qkv, residual = ops.norm_linear(h, layer.input_norm, cfg.rms_norm_eps, residual, layer.qkv)
+            if i == 0:  # the embedding lookup and the first norm: one kernel for decode rows
+                qkv, residual = ops.embed_norm_linear(input_ids, w.embed, layer.input_norm, cfg.rms_norm_eps, layer.qkv)
+            else:
+                qkv, residual = ops.norm_linear(h, layer.input_norm, cfg.rms_norm_eps, residual, layer.qkv)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = q.reshape(T, cfg.num_heads, cfg.head_dim)
             k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)

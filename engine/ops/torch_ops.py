@@ -50,6 +50,14 @@ class TorchOps:
         normed, residual = self.rmsnorm(x, norm_w, eps, residual)
         return self.linear(normed, weight), residual
 
+    def embed_norm_linear(
+        self, ids: torch.Tensor, embed: torch.Tensor, norm_w: torch.Tensor, eps: float, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's start: the embedding rows embed[ids], then :meth:`norm_linear` of them
+        without a residual. ids [T], embed [V, H] -> (linear(rmsnorm(h)) [T, N], h [T, H]). A backend
+        may run it as one kernel."""
+        return self.norm_linear(embed[ids], norm_w, eps, None, weight)
+
     def silu_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """A Llama MLP's activation and down projection: linear(silu_mul(gate_up), weight).
         gate_up [T, 2I], weight [H, I] -> [T, H]. Here the two operators in turn; a backend may
