@@ -23,9 +23,10 @@ preemption gives the sequence a new one), so a step writes the blocks a sequence
 A multi-step decode window (:meth:`launch_window`) replays the bucket's graph once a step. The graph
 ends with the kernels of ``kernels.greedy_advance``: the logits' chunk maxima, then the pick, which
 writes step j's tokens into row j of the static window_tokens [W, Bmax] (window_step counts the
-steps on the device, from 0 at each fill) and advances ids, positions, context lengths and slots. (Outside the graph, those two launches cost about
-3 us a step more on an H200: results/bench_engine_nvidia_h200/fusion_bounds/.) A single step
-(:meth:`run`) reads the logits; the advance it also makes is overwritten by the next fill. The window's
+steps on the device, from 0 at each fill) and advances ids, positions, context lengths and slots.
+(Outside the graph, those launches cost a batch-1 step about 4 us more on an H200:
+results/bench_engine_nvidia_h200/rope_attention/NOTES.md.) A single step (:meth:`run`) reads the
+logits; the advance it also makes is overwritten by the next fill. The window's
 tokens then go to pinned host memory behind an event, so the host may launch the next window before
 it reads them (asynchronous scheduling): a window launched ``ahead`` of a pending one takes its input
 ids from the device, where the pending window's last step left them, and its positions, slots and

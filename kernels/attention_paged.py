@@ -16,7 +16,9 @@ A decode shape with ``"rope": True`` is the engine's decode attention with the r
 the KV store fused in (the decode variants only): q and the step's new keys arrive unrotated, are
 rotated by the query's position (context_lens - 1), the new keys and values are stored into the
 caches, and the newest position joins the softmax from registers (see the template's docstring and
-:func:`kernels.attention.paged`'s ``new_kv``). It takes the configs of the same shape without rope.
+:func:`kernels.attention.paged`'s k_new, v_new, cos_sin and slot_mapping). Its space is the decode
+variants' of the same shape without rope; a cache holding no rope entry gives the tuned dispatch
+that shape's config as the nearest match, at distance 0.
 
 The template is ``kernels/templates/attention_paged.py.j2``; the direct call is
 :func:`kernels.attention.paged`.
