@@ -153,18 +153,14 @@ class _Recorder:
                  "block_size": k_cache.shape[1], "num_blocks": k_cache.shape[0]}
         return self._do("kv_store", "kv_store", shape, "kv_store", k, v, k_cache, v_cache, slot_mapping)
 
-    def rope_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, block_tables, cu_seqlens_q,
-                       context_lens, max_seqlen_q, sm_scale, max_context_len=None):
+    def rope_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, meta, sm_scale):
         # As norm_linear: unfused, TorchOps' composition records rope_store and paged_attention; fused
         # (one kernel), the call is booked as "rope+attention" (family attention_paged, its rope shape).
-        if not self.ops.fuses_rope_attention(max_seqlen_q):
-            return TorchOps.rope_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
-                                           block_tables, cu_seqlens_q, context_lens, max_seqlen_q, sm_scale,
-                                           max_context_len)
-        shape = {**_paged_shape(q, k_cache, block_tables, max_seqlen_q, max_context_len), "rope": True}
+        if not self.ops.fuses_rope_attention(meta.max_seqlen_q):
+            return TorchOps.rope_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, meta, sm_scale)
+        shape = {**_paged_shape(q, k_cache, meta.block_tables, meta.max_seqlen_q, meta.max_context_len), "rope": True}
         return self._do("rope+attention", "attention_paged", shape, "rope_attention", q, k, v, positions, cos_sin,
-                        k_cache, v_cache, slot_mapping, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
-                        sm_scale, max_context_len)
+                        k_cache, v_cache, meta, sm_scale)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, sm_scale,
                         max_context_len=None):

@@ -208,25 +208,23 @@ def norm_gemv(
         raise TypeError(f"{fn}: config must be a dict or None, got {type(config).__name__}")
     tensors = {"x": x, "norm_w": norm_w, "weight": weight}
     if ids is not None:
-        checks.tensor(fn, "residual_out", residual_out, 2)
-        checks.float_dtype(fn, "residual_out", residual_out, like=x)
-        checks.shape(fn, "residual_out", residual_out, (M, K), "[M, K]")
-        if M and K and residual_out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-            raise ValueError(f"{fn}: residual_out shares memory with x; other programs still read it")
-        tensors.update(ids=ids, residual_out=residual_out)
+        tensors["ids"] = ids
     if residual is not None:
         checks.tensor(fn, "residual", residual, 2)
         checks.float_dtype(fn, "residual", residual, like=x)
         checks.shape(fn, "residual", residual, (M, K), "[M, K]")
         if residual_out is None:
             raise ValueError(f"{fn}: with a residual, residual_out [M, K] must be given for the new residual stream")
+        tensors["residual"] = residual
+    if ids is not None or residual is not None:  # the new residual stream: x + residual, or the gathered rows
         checks.tensor(fn, "residual_out", residual_out, 2)
         checks.float_dtype(fn, "residual_out", residual_out, like=x)
         checks.shape(fn, "residual_out", residual_out, (M, K), "[M, K]")
+        storage = residual_out.untyped_storage().data_ptr()
         for name, other in (("x", x), ("residual", residual)):
-            if M and K and residual_out.untyped_storage().data_ptr() == other.untyped_storage().data_ptr():
+            if other is not None and M and K and storage == other.untyped_storage().data_ptr():
                 raise ValueError(f"{fn}: residual_out shares memory with {name}; other programs still read it")
-        tensors.update(residual=residual, residual_out=residual_out)
+        tensors["residual_out"] = residual_out
     if out is None:
         out = x.new_empty(M, N)
     checks.tensor(fn, "out", out, 2)

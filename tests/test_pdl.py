@@ -46,10 +46,13 @@ def test_decode_kernels_compile_with_and_without_pdl_for_hopper(pdl, tmp_path):
     cases = [["gemm", {"M": 1, "N": 2048, "K": 2048, "b_transposed": True}],
              ["gemm", {"M": 1, "N": 40, "K": 100, "b_transposed": True}],  # no K tile divides K
              ["norm_gemv", {"M": 1, "N": 3072, "K": 2048, "residual": True}],
+             ["norm_gemv", {"M": 1, "N": 3072, "K": 2048, "residual": False, "gather": True}],  # the first layer's
              ["silu_gemv", {"M": 2, "N": 2048, "K": 8192}],
              ["rope", {"tokens": 1, "heads_q": 32, "heads_kv": 8, "head_dim": 64, "block_size": 16}],
              ["attention_paged", {"batch": 1, "query_len": 1, "context_len": 2048, "heads_q": 32, "heads_kv": 8,
                                   "head_dim": 128, "block_size": 16}],
+             ["attention_paged", {"batch": 1, "query_len": 1, "context_len": 1024, "heads_q": 32, "heads_kv": 8,
+                                  "head_dim": 64, "block_size": 16, "rope": True}],  # the decode step's attention
              ["rmsnorm", {"tokens": 1, "hidden": 2048, "residual": True}]]
     env = {**os.environ, "TRITON_INTERPRET": "0", "WORKBENCH_KERNEL_CACHE": str(tmp_path), "WORKBENCH_PDL": pdl,
            "PYTHONPATH": pythonpath()}

@@ -8,7 +8,7 @@ Weights are kept fused as loaded (engine/loader.py): per layer one QKV projectio
                                                   one kernel for decode rows; on the first layer
                                                   embed_norm_linear(ids): h = r = embed[ids], the
                                                   lookup inside that kernel)
-                q, k, v = split(qkv); a = rope_attention(q, k, v, positions, cache, slot_mapping)
+                q, k, v = split(qkv); a = rope_attention(q, k, v, positions, cache, meta)
                                                  (rope, the rotated k and v into the paged cache by
                                                   slot, attention of q over the cache; on the Triton
                                                   backend one kernel for decode steps, two otherwise)
@@ -106,11 +106,7 @@ class LlamaModel:
             q = q.reshape(T, cfg.num_heads, cfg.head_dim)
             k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-            attn = ops.rope_attention(
-                q, k, v, positions, self.cos_sin, k_caches[i], v_caches[i], meta.slot_mapping,
-                meta.block_tables, meta.cu_seqlens_q, meta.context_lens, meta.max_seqlen_q, self.sm_scale,
-                meta.max_context_len,
-            )
+            attn = ops.rope_attention(q, k, v, positions, self.cos_sin, k_caches[i], v_caches[i], meta, self.sm_scale)
             h = ops.linear(attn.reshape(T, cfg.q_size), layer.o)
             gate_up, residual = ops.norm_linear(h, layer.post_norm, cfg.rms_norm_eps, residual, layer.gate_up)
             h = ops.silu_linear(gate_up, layer.down)

@@ -6,11 +6,16 @@ in the model dtype and which in float32) so that greedy tokens agree token for t
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from engine.ops.paged_attention_torch import paged_attention
 from kernels.kv_store import kv_store_torch_padded
+
+if TYPE_CHECKING:  # the model module imports this one
+    from engine.models.llama import AttentionMetadata
 
 
 class TorchOps:
@@ -120,29 +125,16 @@ class TorchOps:
         ``max_seqlen_q`` (never here)."""
         return False
 
-    def rope_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        context_lens: torch.Tensor,
-        max_seqlen_q: int,
-        sm_scale: float,
-        max_context_len: int | None = None,
-    ) -> torch.Tensor:
+    def rope_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                       sm_scale: float) -> torch.Tensor:
         """A Llama attention block after its QKV projection: :meth:`rope_store` of the step's q, k, v
-        [T, H*, D], then :meth:`paged_attention` of q over the cache -> [T, Hq, D]. A backend may run
-        them as one kernel (q and k are then left unrotated in memory: read only the output)."""
-        self.rope_store(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
-        return self.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
-                                    sm_scale, max_context_len)
+        [T, H*, D] by ``meta.slot_mapping``, then :meth:`paged_attention` of q over the cache with
+        ``meta``'s tables and lengths -> [T, Hq, D]. A backend may run them as one kernel (q and k are
+        then left unrotated in memory: read only the output)."""
+        self.rope_store(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+        return self.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
+                                    meta.max_seqlen_q, sm_scale, meta.max_context_len)
 
     def paged_attention(
         self,

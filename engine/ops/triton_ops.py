@@ -43,7 +43,7 @@ import contextlib
 import functools
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -53,6 +53,9 @@ from engine.ops import CONFIG_MODES
 from engine.ops.torch_ops import TorchOps
 from kernels.family import Config, dtype_name
 from kernels.gemm import GEMV_MAX_M
+
+if TYPE_CHECKING:  # the model module imports the ops
+    from engine.models.llama import AttentionMetadata
 
 FAMILIES = ("gemm", "rmsnorm", "norm_gemv", "rope", "silu_mul", "silu_gemv", "attention_paged")
 
@@ -204,37 +207,19 @@ class TritonOps(TorchOps):
         """Decode steps (one query per sequence) run :meth:`rope_attention` as one kernel."""
         return max_seqlen_q == 1
 
-    def rope_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        context_lens: torch.Tensor,
-        max_seqlen_q: int,
-        sm_scale: float,
-        max_context_len: int | None = None,
-    ) -> torch.Tensor:
-        """As TorchOps.rope_attention; a decode step in one attention_paged launch, which rotates q
-        and k by each query's position context_lens - 1 (the engine's decode positions: ``positions``
-        is not read) and stores k and v. On an H200 it took the batch-1 decode graph from 889 to 856 us
-        and the served step from 0.913 to 0.884 ms (results/bench_engine_nvidia_h200/rope_attention/)."""
-        if not self.fuses_rope_attention(max_seqlen_q):
-            return super().rope_attention(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, block_tables,
-                                          cu_seqlens_q, context_lens, max_seqlen_q, sm_scale, max_context_len)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        self._fn["attention_paged"](
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
-            sm_scale=sm_scale, max_context_len=max_context_len, check_values=False, out=out,
-            k_new=k, v_new=v, cos_sin=cos_sin, slot_mapping=slot_mapping,
-        )
-        return out
+    def rope_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                       sm_scale: float) -> torch.Tensor:
+        """As TorchOps.rope_attention; a decode step in one
+        attention_paged launch, which rotates q and k by each query's position context_lens - 1 (the
+        engine's decode positions: ``positions`` is not read) and stores k and v. On an H200 it took
+        the batch-1 decode graph from 889 to 856 us and the served step from 0.913 to 0.884 ms
+        (results/bench_engine_nvidia_h200/rope_attention/)."""
+        if not self.fuses_rope_attention(meta.max_seqlen_q):
+            return super().rope_attention(q, k, v, positions, cos_sin, k_cache, v_cache, meta, sm_scale)
+        return self._attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
+                               meta.max_seqlen_q, sm_scale, meta.max_context_len, k_new=k, v_new=v, cos_sin=cos_sin,
+                               slot_mapping=meta.slot_mapping)
 
     def paged_attention(
         self,
@@ -250,9 +235,17 @@ class TritonOps(TorchOps):
     ) -> torch.Tensor:
         """out [T, Hq, D] (contiguous). ``max_context_len`` (host-known) picks the config; without it
         the block table's capacity bounds the context."""
+        return self._attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, sm_scale,
+                               max_context_len)
+
+    def _attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                   cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, max_seqlen_q: int, sm_scale: float,
+                   max_context_len: int | None, **new_kv: torch.Tensor) -> torch.Tensor:
+        """One attention_paged launch into a fresh out [T, Hq, D]; ``new_kv``: the fused rotation's
+        k_new, v_new, cos_sin and slot_mapping (``kernels.attention.paged``)."""
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         self._fn["attention_paged"](
             q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
-            sm_scale=sm_scale, max_context_len=max_context_len, check_values=False, out=out,
+            sm_scale=sm_scale, max_context_len=max_context_len, check_values=False, out=out, **new_kv,
         )
         return out

@@ -19,15 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 import kernels
-from engine import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this folder's parent: batch1.py
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "async"))
 import batch1  # noqa: E402
-from ab import served  # noqa: E402
+from batch1 import served  # noqa: E402
 
 CONFIGS = [  # valid at the graph's context bound, 1024 (batch1.engine's max_model_len)
     {"variant": "decode_split", "TILE": 64, "SPLIT": 4, "HEADS": 4, "BLOCK_Q": 1, "num_warps": 4, "num_stages": 3},
@@ -52,8 +48,7 @@ def main(out: str, part: str) -> None:
     llm = batch1.engine()
     res["floor_ms"] = batch1.floor_ms(llm, res["copy_GBps"])
     ops = llm.runner.model.ops
-    prompt = torch.randint(10, 1000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
-    params = SamplingParams(temperature=0.0, max_tokens=129, ignore_eos=True)
+    prompt, params = batch1.request()
     dump = lambda: json.dump(res, open(os.path.join(out, f"rope_attention_{part}.json"), "w"), indent=1)  # noqa: E731
     served(llm, prompt, params)
     c = llm.config  # the batch-1 graph's attention shape
@@ -75,16 +70,13 @@ def main(out: str, part: str) -> None:
         ops.fuses_rope_attention = variants[name]
         llm.runner.graphs._graphs = graphs[name]
         span = batch1.graph_span(llm)
-        res[f"span_{name}"] = span[["kernel", "calls", "busy_us", "gap_us"]].to_dict("records")
+        res[f"span_{name}"] = batch1.kernel_records(span)
         print(name, float(span.busy_us.iloc[-1]), flush=True)
     for rnd in range(3):
         for name in variants:
             ops.fuses_rope_attention = variants[name]
             llm.runner.graphs._graphs = graphs[name]
-            runs = [served(llm, prompt, params) for _ in range(3)]
-            row = {"round": rnd, "variant": name, "wall_ms_per_step": [r[0] for r in runs],
-                   "median_window_ms_per_step": [r[1] for r in runs], "tokens": runs[0][2],
-                   "same_tokens": all(r[2] == runs[0][2] for r in runs)}
+            row = {"round": rnd, "variant": name, **batch1.timed_runs(llm, prompt, params)}
             res["rounds"].append(row)
             print({k: v for k, v in row.items() if k != "tokens"}, flush=True)
             dump()
@@ -106,9 +98,9 @@ def configs(llm, ops, prompt, params, res, dump, tokens) -> None:
             row[f"span_us_{ctx}"] = float(span.busy_us.iloc[-1])
             row[f"paged_us_{ctx}"] = float(span.set_index("kernel").busy_us.get("paged_kernel", float("nan")))
             row[f"merge_us_{ctx}"] = float(span.set_index("kernel").busy_us.get("merge_kernel", 0.0))
-        runs = [served(llm, prompt, params) for _ in range(3)]
-        row["median_window_ms_per_step"] = [r[1] for r in runs]
-        row["same_tokens"] = runs[0][2] == tokens
+        timed = batch1.timed_runs(llm, prompt, params)
+        row["median_window_ms_per_step"] = timed["median_window_ms_per_step"]
+        row["same_tokens"] = timed["tokens"] == tokens
         res["configs"].append(row)
         print(row, flush=True)
         dump()
