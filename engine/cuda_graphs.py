@@ -13,8 +13,18 @@ and writes logits [B, V] in the model dtype, then picks each row's greedy token 
 buffers to the next decode step (see the window below). A step fills rows 0..b-1 from its sequences and pads rows
 b..B-1 so that they are harmless: token 0 at position 0, slot -1 (kv_store skips it: nothing is
 written) and one cached token (attention reads one finite cache vector through whatever valid
-block id the row holds; the row's logits are never read). Attention is launched with the longest
-context the engine allows (max_model_len), so one captured config serves every context length.
+block id the row holds; the row's logits are never read).
+
+Attention resolves its config (tile length, split count) from the longest context of the launch,
+and the graph fixes it. So each bucket has a graph per context bucket (:func:`context_buckets`:
+powers of two up to the longest context the engine allows, max_model_len, which closes the list), and
+a step replays the graph of the smallest context bucket that holds its sequences' contexts to the
+end of the window. Context buckets whose configs all match share one graph: a dry run of the
+forward pass (``TritonOps.dry_run``) lists each one's configs before anything is captured. (One
+graph over every context ran the split count tuned for the longest context at every length; at
+batch 1 and short contexts fewer slices served 1-2% faster on an H200:
+results/bench_engine_nvidia_h200/rope_attention/NOTES.md.) Any config is right at any context: a
+split covers a share of its sequence's tiles counted at run time.
 
 Block-table rows are kept on the host and rewritten only where they changed: a row remembers the
 sequence's block list object and its length (the block manager only appends to a list, and a
@@ -41,6 +51,7 @@ Without capture (on a CPU, or to test the padding) the same padded step runs eag
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -63,6 +74,25 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_num_seqs]
     sizes += list(range(64, max_num_seqs, 32))
     return sizes + [max_num_seqs]
+
+
+SHORTEST_CONTEXT_BUCKET = 256
+MAX_CONTEXT_BUCKETS = 4
+
+
+def context_buckets(max_context_len: int) -> list[int]:
+    """The context lengths decode graphs are captured at: the powers of two below ``max_context_len``
+    from 256 up, at most the 3 largest of them, then ``max_context_len`` itself (e.g. 2048: 256, 512,
+    1024, 2048; 300: 256, 300; 160: 160). At most MAX_CONTEXT_BUCKETS, so that an engine allowing
+    long contexts keeps its graphs' count (and their logits' memory) bounded."""
+    if isinstance(max_context_len, bool) or not isinstance(max_context_len, int) or max_context_len < 1:
+        raise ValueError(f"context_buckets: max_context_len must be a positive int, got {max_context_len!r}")
+    caps = [max_context_len]
+    cap = 1 << ((max_context_len - 1).bit_length() - 1) if max_context_len > 1 else 0
+    while cap >= SHORTEST_CONTEXT_BUCKET and len(caps) < MAX_CONTEXT_BUCKETS:
+        caps.insert(0, cap)
+        cap //= 2
+    return caps
 
 
 @dataclass
@@ -100,6 +130,7 @@ class DecodeGraphs:
         self.model, self.k_caches, self.v_caches = model, k_caches, v_caches
         self.sizes = sorted(sizes)
         self.max_context_len = max_context_len
+        self.contexts = context_buckets(max_context_len)
         self.block_size = block_size
         dev = k_caches.device
         n, width = self.sizes[-1], -(-max_context_len // block_size)
@@ -126,7 +157,9 @@ class DecodeGraphs:
         self._set = 0
         # Per set and row: the block list object the row holds and how many of its blocks are written.
         self._rows: list[list[tuple[list[int], int] | None]] = [[None] * n for _ in self._host_sets]
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch bucket, context bucket) -> its graph and logits; context buckets that share a graph
+        # map to the same pair.
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
             self._capture()
 
@@ -141,18 +174,29 @@ class DecodeGraphs:
                 return size
         raise ValueError(f"decode batch of {batch} exceeds the largest bucket {self.max_batch}")
 
-    def _forward(self, size: int) -> torch.Tensor:
-        """Logits [size, V] of the first ``size`` rows of the static buffers, in the model dtype (the
-        greedy pick reads them as they are, a step converts), then the greedy pick and advance."""
-        meta = AttentionMetadata(
+    def context_bucket(self, context_len: int) -> int:
+        """The smallest context bucket that holds ``context_len`` tokens (the last one beyond it)."""
+        for cap in self.contexts:
+            if cap >= context_len:
+                return cap
+        return self.contexts[-1]
+
+    def _meta(self, size: int, cap: int) -> AttentionMetadata:
+        return AttentionMetadata(
             slot_mapping=self.slots[:size],
             block_tables=self.block_tables[:size],
             cu_seqlens_q=self.cu_seqlens_q[: size + 1],
             context_lens=self.context_lens[:size],
             max_seqlen_q=1,
-            max_context_len=self.max_context_len,
+            max_context_len=cap,
         )
-        hidden = self.model.forward(self.ids[:size], self.positions[:size], meta, self.k_caches, self.v_caches)
+
+    def _forward(self, size: int, cap: int) -> torch.Tensor:
+        """Logits [size, V] of the first ``size`` rows of the static buffers, contexts up to ``cap``,
+        in the model dtype (the greedy pick reads them as they are, a step converts), then the greedy
+        pick and advance."""
+        hidden = self.model.forward(self.ids[:size], self.positions[:size], self._meta(size, cap), self.k_caches,
+                                    self.v_caches)
         logits = self.model.lm_head(hidden)
         best, where, width = chunk_maxima(logits, math.gcd(logits.shape[1], ARGMAX_CHUNKS))
         greedy_advance(best, where, width, self.window_tokens[:, :size], advance=True, ids=self.ids[:size],
@@ -161,18 +205,45 @@ class DecodeGraphs:
                        steps=self.window_step[:size])
         return logits
 
+    def _shared_contexts(self, size: int) -> dict[int, int]:
+        """Context bucket -> the largest context bucket whose step of ``size`` rows resolves the same
+        configs for every kernel (the dry run of the backend's forward pass); without a dry run
+        (the PyTorch backend), every bucket -> the last."""
+        dry_run = getattr(self.model.ops, "dry_run", None)
+        if dry_run is None:
+            return {cap: self.contexts[-1] for cap in self.contexts}
+        shared: dict[int, int] = {}
+        first_of: dict[tuple[str, ...], int] = {}
+        for cap in reversed(self.contexts):
+            with dry_run() as resolved:
+                self.model.forward(self.ids[:size], self.positions[:size], self._meta(size, cap), self.k_caches,
+                                   self.v_caches)
+            configs = tuple(json.dumps([r["family"], r["config"]], sort_keys=True) for r in resolved.values())
+            shared[cap] = first_of.setdefault(configs, cap)
+        return shared
+
     def _capture(self) -> None:
-        """Capture every bucket, largest first, into one memory pool (graphs run one at a time)."""
+        """Capture every (batch, context) bucket, largest first, into one memory pool (graphs run one
+        at a time); context buckets of the same configs share a graph."""
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for size in reversed(self.sizes):
-                self._forward(size)  # compiles kernels and resolves configs outside the capture
-                torch.cuda.synchronize(self.k_caches.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self._forward(size)
-                self._graphs[size] = (graph, logits)
+                shared = self._shared_contexts(size)
+                for cap in sorted(set(shared.values()), reverse=True):
+                    self._forward(size, cap)  # compiles kernels and resolves configs outside the capture
+                    torch.cuda.synchronize(self.k_caches.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self._forward(size, cap)
+                    self._graphs[size, cap] = (graph, logits)
+                for cap, owner in shared.items():
+                    self._graphs[size, cap] = self._graphs[size, owner]
         torch.cuda.synchronize(self.k_caches.device)
+
+    @property
+    def num_graphs(self) -> int:
+        """How many distinct graphs were captured (0 without capture)."""
+        return len({id(graph) for graph, _ in self._graphs.values()})
 
     def _fill(self, seqs: list[Sequence], size: int, ahead: int = 0) -> None:
         """Write the step's rows (and the padding up to ``size``) into the next host buffer set, then
@@ -206,18 +277,19 @@ class DecodeGraphs:
                 lo = b if ahead and dst is self.ids else 0  # ahead, the real rows' ids are on the device
                 dst[lo:size].copy_(src[lo:size], non_blocking=True)
 
-    def _launch(self, size: int) -> torch.Tensor:
-        if size in self._graphs:
-            graph, logits = self._graphs[size]
+    def _launch(self, size: int, cap: int) -> torch.Tensor:
+        if (size, cap) in self._graphs:
+            graph, logits = self._graphs[size, cap]
             graph.replay()
             return logits
-        return self._forward(size)
+        return self._forward(size, cap)
 
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits [len(seqs), V] float32 of a decode step of ``seqs`` (each feeding one token)."""
         size = self.bucket(len(seqs))
         self._fill(seqs, size)
-        return self._launch(size)[: len(seqs)].float()
+        cap = self.context_bucket(max(s.num_computed_tokens for s in seqs) + 1)
+        return self._launch(size, cap)[: len(seqs)].float()
 
     def launch_window(self, seqs: list[Sequence], steps: int, ahead: int = 0) -> Window:
         """Launch ``steps`` greedy decode steps of ``seqs`` back to back, their blocks already grown
@@ -233,8 +305,9 @@ class DecodeGraphs:
             raise ValueError(f"a decode window takes 1 to {self.window_tokens.shape[0]} steps (window_steps), got {steps}")
         b, size = len(seqs), self.bucket(len(seqs))
         self._fill(seqs, size, ahead)
+        cap = self.context_bucket(max(s.num_computed_tokens for s in seqs) + ahead + steps)  # the last step's
         for _ in range(steps):
-            self._launch(size)
+            self._launch(size, cap)
         tokens = self.window_tokens[:steps, :b]
         if tokens.device.type != "cuda":
             return Window(tokens.clone())  # the buffer serves the next window too
@@ -246,8 +319,8 @@ class DecodeGraphs:
 
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> Callable[[], torch.Tensor]:
         """Copy a decode step's device inputs (B sequences, one token each; block tables no wider
-        than the buffers) into the static buffers and return the launch of its bucket: a callable
-        giving logits [bucket, V], for timing the step as served (the profiler). Every slot is -1, so
+        than the buffers) into the static buffers and return the launch of its bucket (and of the
+        context bucket of ``meta.max_context_len``): a callable giving logits [bucket, V], for timing the step as served (the profiler). Every slot is -1, so
         that launch after launch repeats the same step: the greedy advance moves no row (it would
         carry the context past the block table's rows) and the step stores no K and V (a few hundred
         bytes a layer); ``meta.slot_mapping`` is not read."""
@@ -259,5 +332,6 @@ class DecodeGraphs:
         self.slots[:size], self.context_lens[b:size] = -1, 1
         for cache in self._rows:  # those rows no longer hold what the row caches remember
             cache[:b] = [None] * b
-        return lambda: self._launch(size)
+        cap = self.context_bucket(meta.max_context_len)
+        return lambda: self._launch(size, cap)
 

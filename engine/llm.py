@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
 from engine.config import load_config
-from engine.cuda_graphs import Window, batch_buckets
+from engine.cuda_graphs import Window, batch_buckets, context_buckets
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_tokenizer, load_weights
 from engine.model_runner import ModelRunner
@@ -156,9 +156,11 @@ class LLM:
         self.runner = ModelRunner(model, block_size=block_size, device=self.device, dtype=dtype)
         length_cap = max_model_len or self.config.max_position_embeddings
         if num_kv_blocks is None:
-            # The decode graphs keep their logits [bucket, V] (model dtype) alive, one per bucket.
+            # The decode graphs keep their logits [bucket, V] (model dtype) alive, one per batch bucket
+            # and context bucket at most.
             elt = torch.empty((), dtype=dtype).element_size()
-            graph_bytes = sum(batch_buckets(max_num_seqs)) * self.config.vocab_size * elt if self.uses_cuda_graphs else 0
+            graph_bytes = (sum(batch_buckets(max_num_seqs)) * len(context_buckets(length_cap)) * self.config.vocab_size
+                           * elt if self.uses_cuda_graphs else 0)
             num_kv_blocks = self.runner.auto_num_blocks(max_num_batched_tokens, max_num_seqs, gpu_memory_utilization,
                                                         length_cap, graph_bytes)
         self.runner.allocate_kv_cache(num_kv_blocks)

@@ -1,7 +1,8 @@
 """Warm-up before serving: the exact kernel shapes the engine launches, their configs, and tuning them.
 
 The engine runs two kinds of steps: decode steps of b sequences (b one of the batch-size buckets
-that CUDA graphs are captured at, attention bounded by the longest context the engine allows) and
+that CUDA graphs are captured at, attention bounded by one of their context buckets, the last the
+longest context the engine allows) and
 prefill chunks of up to ``max_num_batched_tokens`` tokens. :func:`resolve_configs` runs one step of
 each size as a dry run of the Triton backend (``TritonOps.dry_run``): every operator resolves its
 config through tuned dispatch for the shape it is called with, and records it; nothing launches.
@@ -30,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 import kernels
+from engine.cuda_graphs import context_buckets
 from engine.model_runner import ModelRunner
 
 
@@ -38,19 +40,22 @@ def resolve_configs(
 ) -> list[dict[str, Any]]:
     """One row per (step, family, dtype, shape) that the engine's steps launch (see the module docstring).
 
-    Decode steps of each of ``decode_sizes`` sequences at ``max_context_len``, and one-sequence
-    prefill chunks of each of ``prefill_sizes`` tokens. Needs the Triton backend.
+    Decode steps of each of ``decode_sizes`` sequences at each context bucket of ``max_context_len``
+    (``engine.cuda_graphs.context_buckets``), and one-sequence prefill chunks of each of
+    ``prefill_sizes`` tokens. Needs the Triton backend.
     """
     ops = runner.model.ops
     if not hasattr(ops, "dry_run"):
         raise ValueError(f"resolving kernel configs needs the Triton backend, the engine runs {ops.name!r}")
-    steps = [("decode", b, 1, max_context_len) for b in decode_sizes] + [("prefill", 1, t, t) for t in prefill_sizes]
-    rows: list[dict[str, Any]] = []
+    steps = [("decode", b, 1, cap) for b in decode_sizes for cap in context_buckets(max_context_len)]
+    steps += [("prefill", 1, t, t) for t in prefill_sizes]
+    rows: dict[tuple, dict[str, Any]] = {}  # a decode step's context buckets share their other shapes
     for kind, seqs, query_len, context_len in steps:
         with ops.dry_run() as resolved:
             runner.run_dummy(seqs, query_len, context_len)
-        rows += [{"step": kind, "seqs": seqs, "tokens": seqs * query_len, **r} for r in resolved.values()]
-    return rows
+        for key, r in resolved.items():
+            rows.setdefault((kind, seqs, key), {"step": kind, "seqs": seqs, "tokens": seqs * query_len, **r})
+    return list(rows.values())
 
 
 def binary_key(row: dict[str, Any]) -> tuple:

@@ -10,7 +10,7 @@ import torch
 
 import autotune
 from engine import LLM, SamplingParams
-from engine.cuda_graphs import batch_buckets
+from engine.cuda_graphs import batch_buckets, context_buckets
 from engine.ops.triton_ops import FAMILIES
 from engine_checkpoints import checkpoint
 from kernels.family import dtype_name
@@ -28,6 +28,54 @@ def test_batch_buckets():
     assert batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
     assert batch_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 96, 100]
     assert batch_buckets(256) == [1, 2, 4, 8, 16, 32, *range(64, 257, 32)]
+
+
+def test_context_buckets():
+    assert context_buckets(2048) == [256, 512, 1024, 2048]
+    assert context_buckets(2049) == [512, 1024, 2048, 2049]  # at most 4: the longest kept
+    assert context_buckets(300) == [256, 300]
+    assert context_buckets(256) == [256]
+    assert context_buckets(160) == [160]
+    assert context_buckets(1) == [1]
+    assert context_buckets(131072) == [16384, 32768, 65536, 131072]
+    for bad in (0, -5, 2.0, True, "512"):
+        with pytest.raises(ValueError, match="max_context_len must be a positive int"):
+            context_buckets(bad)
+
+
+def test_decode_steps_launch_attention_at_the_context_bucket_that_holds_their_window(model_dir):
+    """A decode step's attention is launched with the smallest context bucket that holds every
+    context its window reaches (its graph's config): 256 while a window ends within 256 tokens, then
+    max_model_len (400). The warm-up lists both buckets' attention shapes."""
+    llm = LLM(model_dir, kernels="torch", block_size=16, num_kv_blocks=30, max_num_seqs=2, max_model_len=400,
+              max_num_batched_tokens=256, num_decode_steps=8)
+    llm.runner.capture_decode_graphs([1, 2], llm.max_model_len, capture=False, window_steps=8)
+    assert llm.runner.graphs.contexts == [256, 400]
+    launches = []  # (max_context_len the attention was launched with, the step's longest context)
+    real = llm.runner.model.ops.rope_attention
+
+    def recording(q, k, v, positions, cos_sin, k_cache, v_cache, meta, sm_scale):
+        if meta.max_seqlen_q == 1:
+            launches.append((meta.max_context_len, int(meta.context_lens.max())))
+        return real(q, k, v, positions, cos_sin, k_cache, v_cache, meta, sm_scale)
+
+    llm.runner.model.ops.rope_attention = recording
+    prompt = torch.randint(3, 200, (240,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].token_ids) == 40
+    assert {cap for cap, _ in launches} == {256, 400}
+    for cap, longest in launches:
+        assert longest <= cap
+        if longest <= 256 - 8:  # a window of at most 8 steps from here ends within 256 tokens
+            assert cap == 256, launches
+        if longest > 256:
+            assert cap == 400, launches
+
+    triton = LLM(model_dir, block_size=16, num_kv_blocks=30, max_num_seqs=2, max_model_len=400,
+                 max_num_batched_tokens=256)
+    attn = {r["shape"]["context_len"] for r in triton.resolved_configs
+            if r["family"] == "attention_paged" and r["step"] == "decode"}
+    assert attn == {256, 512}  # the buckets 256 and 400, as the family buckets a context (powers of two)
 
 
 def test_warmup_resolves_every_shape_the_decode_steps_launch(model_dir, tmp_path):
@@ -188,3 +236,23 @@ def test_multi_step_windows_on_cuda_graphs_give_the_single_step_tokens(tmp_path_
         assert bool(windows) == (k > 1), windows
     assert outs[4] == outs[1]
     assert [len(t) for t in outs[4]] == [9, 14, 6]
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_per_context_bucket_give_the_eager_padded_tokens(tmp_path_factory):
+    """On the GPU (--gpu): windows crossing from the 256-token context bucket into the last one
+    (max_model_len 400) replay one graph per (batch, context) bucket whose configs differ (the
+    default split count grows with the context), and give the greedy tokens of the same padded steps
+    run eagerly, which launch the same configs."""
+    model_dir = checkpoint("llama3", tmp_path_factory)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (236, 250)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    llm = LLM(model_dir, block_size=16, num_kv_blocks=60, max_num_seqs=2, max_model_len=400,
+              max_num_batched_tokens=512, config_cache=tmp_path_factory.mktemp("cache") / "cache.json")
+    assert llm.uses_cuda_graphs and llm.runner.graphs.contexts == [256, 400]
+    assert llm.runner.graphs.num_graphs == 4  # batch buckets 1 and 2, each at both context buckets
+    captured = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm.runner.capture_decode_graphs([1, 2], llm.max_model_len, capture=False)
+    eager = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert captured == eager and [len(t) for t in captured] == [40, 40]
