@@ -21,10 +21,10 @@ powers of two up to the longest context the engine allows, max_model_len, which 
 a step replays the graph of the smallest context bucket that holds its sequences' contexts to the
 end of the window. Context buckets whose configs all match share one graph: a dry run of the
 forward pass (``TritonOps.dry_run``) lists each one's configs before anything is captured. (One
-graph over every context ran the split count tuned for the longest context at every length; at
-batch 1 and short contexts fewer slices served 1-2% faster on an H200:
-results/bench_engine_nvidia_h200/rope_attention/NOTES.md.) Any config is right at any context: a
-split covers a share of its sequence's tiles counted at run time.
+graph over every context ran the split count tuned for the longest context at every length: at
+max_model_len 2048 a batch-1 step served in 0.877-0.880 ms, against 0.855-0.859 ms with a graph per
+context bucket on an H200, results/bench_engine_nvidia_h200/context_buckets/NOTES.md.) Any config
+is right at any context: a split covers a share of its sequence's tiles counted at run time.
 
 Block-table rows are kept on the host and rewritten only where they changed: a row remembers the
 sequence's block list object and its length (the block manager only appends to a list, and a
@@ -320,10 +320,11 @@ class DecodeGraphs:
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> Callable[[], torch.Tensor]:
         """Copy a decode step's device inputs (B sequences, one token each; block tables no wider
         than the buffers) into the static buffers and return the launch of its bucket (and of the
-        context bucket of ``meta.max_context_len``): a callable giving logits [bucket, V], for timing the step as served (the profiler). Every slot is -1, so
-        that launch after launch repeats the same step: the greedy advance moves no row (it would
-        carry the context past the block table's rows) and the step stores no K and V (a few hundred
-        bytes a layer); ``meta.slot_mapping`` is not read."""
+        context bucket of ``meta.max_context_len``): a callable giving logits [bucket, V], for timing
+        the step as served (the profiler). Every slot is -1, so that launch after launch repeats the
+        same step: the greedy advance moves no row (it would carry the context past the block
+        table's rows) and the step stores no K and V (a few hundred bytes a layer);
+        ``meta.slot_mapping`` is not read."""
         b, width = meta.block_tables.shape
         size = self.bucket(b)
         self.ids[:b], self.positions[:b] = input_ids, positions

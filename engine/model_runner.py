@@ -122,8 +122,9 @@ class ModelRunner:
     def capture_decode_graphs(self, sizes: list[int], max_context_len: int, *, capture: bool = True,
                               window_steps: int = 8) -> None:
         """Decode steps of up to ``max(sizes)`` sequences run padded to a size of ``sizes`` over
-        static buffers, replayed as CUDA graphs (``capture``; CUDA only) or run eagerly; decode
-        windows of up to ``window_steps`` steps."""
+        static buffers, with attention bounded by a context bucket of ``max_context_len``
+        (``engine.cuda_graphs.context_buckets``), replayed as CUDA graphs (``capture``; CUDA only) or
+        run eagerly; decode windows of up to ``window_steps`` steps."""
         self.graphs = None
         self.graphs = DecodeGraphs(self.model, self.k_caches, self.v_caches, sizes=sizes, max_context_len=max_context_len,
                                    block_size=self.block_size, capture=capture, window_steps=window_steps)
