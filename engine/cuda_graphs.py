@@ -245,10 +245,11 @@ class DecodeGraphs:
         """How many distinct graphs were captured (0 without capture)."""
         return len({id(graph) for graph, _ in self._graphs.values()})
 
-    def _fill(self, seqs: list[Sequence], size: int, ahead: int = 0) -> None:
+    def _fill(self, seqs: list[Sequence], size: int, ahead: int = 0) -> int:
         """Write the step's rows (and the padding up to ``size``) into the next host buffer set, then
-        send them. ``ahead`` > 0: the step follows a pending window of that many steps, whose last
-        step left the input ids on the device; every other input is known here."""
+        send them; return the step's longest context. ``ahead`` > 0: the step follows a pending
+        window of that many steps, whose last step left the input ids on the device; every other
+        input is known here."""
         self._set = (self._set + 1) % len(self._host_sets)
         host, cache = self._host_sets[self._set], self._rows[self._set]
         ids, positions, slots, ctx, tables, steps = (t.numpy() for t in host)
@@ -276,6 +277,7 @@ class DecodeGraphs:
             for dst, src in zip(self._device_buffers, host):
                 lo = b if ahead and dst is self.ids else 0  # ahead, the real rows' ids are on the device
                 dst[lo:size].copy_(src[lo:size], non_blocking=True)
+        return int(ctx[:b].max()) if b else 1
 
     def _launch(self, size: int, cap: int) -> torch.Tensor:
         if (size, cap) in self._graphs:
@@ -287,8 +289,7 @@ class DecodeGraphs:
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits [len(seqs), V] float32 of a decode step of ``seqs`` (each feeding one token)."""
         size = self.bucket(len(seqs))
-        self._fill(seqs, size)
-        cap = self.context_bucket(max(s.num_computed_tokens for s in seqs) + 1)
+        cap = self.context_bucket(self._fill(seqs, size))
         return self._launch(size, cap)[: len(seqs)].float()
 
     def launch_window(self, seqs: list[Sequence], steps: int, ahead: int = 0) -> Window:
@@ -304,8 +305,7 @@ class DecodeGraphs:
         if not 1 <= steps <= self.window_tokens.shape[0]:
             raise ValueError(f"a decode window takes 1 to {self.window_tokens.shape[0]} steps (window_steps), got {steps}")
         b, size = len(seqs), self.bucket(len(seqs))
-        self._fill(seqs, size, ahead)
-        cap = self.context_bucket(max(s.num_computed_tokens for s in seqs) + ahead + steps)  # the last step's
+        cap = self.context_bucket(self._fill(seqs, size, ahead) + steps - 1)  # the window's last step's
         for _ in range(steps):
             self._launch(size, cap)
         tokens = self.window_tokens[:steps, :b]

@@ -35,6 +35,7 @@ import torch
 import kernels
 from autotune import timing
 from engine.ops.torch_ops import TorchOps
+from kernels.attention import paged_shape
 from kernels.family import dtype_name
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class _Recorder:
         # (its gather shape) booked under the projection.
         if not self.ops.fuses_into_gemv(ids.shape[0]):
             return TorchOps.embed_norm_linear(self, ids, embed, norm_w, eps, weight)
-        shape = {"M": ids.shape[0], "N": weight.shape[0], "K": embed.shape[1], "residual": False, "gather": True}
+        shape = kernels.get_family("norm_gemv").shape_from_call(embed, norm_w, eps, weight, ids=ids)
         return self._do(self.weight_names[weight.data_ptr()], "norm_gemv", shape, "embed_norm_linear", ids, embed,
                         norm_w, eps, weight)
 
@@ -158,23 +159,18 @@ class _Recorder:
         # (one kernel), the call is booked as "rope+attention" (family attention_paged, its rope shape).
         if not self.ops.fuses_rope_attention(meta.max_seqlen_q):
             return TorchOps.rope_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, meta, sm_scale)
-        shape = {**_paged_shape(q, k_cache, meta.block_tables, meta.max_seqlen_q, meta.max_context_len), "rope": True}
+        shape = paged_shape(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
+                            meta.max_seqlen_q, max_context_len=meta.max_context_len, k_new=k)
         return self._do("rope+attention", "attention_paged", shape, "rope_attention", q, k, v, positions, cos_sin,
                         k_cache, v_cache, meta, sm_scale)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, sm_scale,
                         max_context_len=None):
-        shape = _paged_shape(q, k_cache, block_tables, max_seqlen_q, max_context_len)
+        # The profiled steps give every sequence the same lengths, so the cost model's shape is exact.
+        shape = paged_shape(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
+                            max_context_len=max_context_len)
         return self._do("attention", "attention_paged", shape, "paged_attention", q, k_cache, v_cache, block_tables,
                         cu_seqlens_q, context_lens, max_seqlen_q, sm_scale, max_context_len)
-
-
-def _paged_shape(q, k_cache, block_tables, max_seqlen_q, max_context_len) -> dict:
-    """The attention_paged cost-model shape of a recorded call. The profiled steps give every sequence
-    the same lengths, so it is exact."""
-    return {"batch": block_tables.shape[0], "query_len": max_seqlen_q, "context_len": max_context_len,
-            "heads_q": q.shape[1], "heads_kv": k_cache.shape[2], "head_dim": q.shape[2],
-            "block_size": k_cache.shape[1]}
 
 
 def _weight_names(llm: LLM) -> dict[int, str]:

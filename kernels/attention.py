@@ -25,6 +25,7 @@ import torch
 import kernels
 from kernels.family import Config, Shape, dtype_name, next_pow2
 from kernels.kv_store import check_slots, check_store
+from kernels.rope import check_cos_sin
 
 MAX_HEAD_DIM = 256
 MAX_BLOCK_SIZE = 256  # tokens per cache block
@@ -299,14 +300,7 @@ def _check_new_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise ValueError(f"{fn}: k_new must be [T, Hkv, D] = {[T, k_cache.shape[2], d]}, got {list(k_new.shape)}")
     check_store(fn, k_new, v_new, k_cache, v_cache, new_kv["slot_mapping"])
     _same_float(fn, q, k_new=k_new)
-    if d % 2:
-        raise ValueError(f"{fn}: rope needs an even head dim, got {d}")
-    _tensor(fn, "cos_sin", cos_sin, 2)
-    if cos_sin.dtype not in (torch.float32, q.dtype):
-        raise TypeError(f"{fn}: cos_sin has dtype {cos_sin.dtype}; expected torch.float32 or q's {q.dtype}")
-    if cos_sin.shape[1] != d or cos_sin.device != q.device:
-        raise ValueError(f"{fn}: cos_sin must be [max_pos, D={d}] on {q.device}, got {list(cos_sin.shape)} on "
-                         f"{cos_sin.device}")
+    check_cos_sin(fn, "cos_sin", cos_sin, q)
     check_slots(fn, new_kv["slot_mapping"], k_cache.shape[0] * k_cache.shape[1])
     return True
 

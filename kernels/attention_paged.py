@@ -34,7 +34,7 @@ from kernels import attention
 from kernels.attention_prefill import MAX_FP32_REGS, head_dim_pad, nearest_config, sdpa_reference
 from kernels.device import device_facts, programmatic_launch
 from kernels.family import Config, Family, Shape, next_pow2, positive_dims, torch_dtype
-from kernels.rope import rope_cache
+from kernels.rope import rope_cache, rotate
 
 _KEYS = ("batch", "query_len", "context_len", "heads_q", "heads_kv", "head_dim", "block_size")
 _MAX_ACC_REGS = 192  # float32 accumulator + score registers per thread before spilling
@@ -361,13 +361,9 @@ class PagedFamily(Family):
 
 
 def rotate_reference(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """x [..., D] rotated by one position's cos/sin row ``angles`` [D] (cos of the D/2 angles, then
-    sin; Hugging Face's rotate_half pairing) in float64, rounded to x's dtype, returned as float64."""
-    half = x.shape[-1] // 2
-    x64, a = x.double(), angles.double()
-    cos, sin = a[:half], a[half:]
-    x1, x2 = x64[..., :half], x64[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype).double()
+    """x [..., D] rotated by one position's cos/sin row ``angles`` [D] (``kernels.rope.rotate``) in
+    float64, rounded to x's dtype (as the kernel rounds), returned as float64."""
+    return rotate(x.double(), angles.double()).to(x.dtype).double()
 
 
 def _contiguous_cache(inputs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -296,16 +296,34 @@ def _cached_rope_cache(head_dim: int, device: str) -> torch.Tensor:
     return rope_cache(head_dim, CACHE_POSITIONS, THETA, LLAMA3_SCALING, device=device)
 
 
+def rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """x [..., D] rotated (out of place, in x's dtype) by cos_sin [..., D] (cos of the D/2 angles, then
+    sin; broadcast against x): x * cos + rotate_half(x) * sin, Hugging Face's pairing of dim i with
+    i + D/2."""
+    half = x.shape[-1] // 2
+    cos, sin = cos_sin[..., :half].to(x.dtype), cos_sin[..., half:].to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 def rope_torch(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch rotate_half RoPE (out of place) from the gathered cache rows cos_sin [T, D]."""
-    half = q.shape[-1] // 2
-    cos = torch.cat([cos_sin[:, :half]] * 2, dim=-1)[:, None, :].to(q.dtype)
-    sin = torch.cat([cos_sin[:, half:]] * 2, dim=-1)[:, None, :].to(q.dtype)
+    """Plain PyTorch rotate_half RoPE (out of place) of q [T, Hq, D] and k [T, Hkv, D] from the
+    gathered cache rows cos_sin [T, D]."""
+    return rotate(q, cos_sin[:, None, :]), rotate(k, cos_sin[:, None, :])
 
-    def rotate_half(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+def check_cos_sin(fn: str, name: str, cos_sin: torch.Tensor, q: torch.Tensor) -> None:
+    """The checks of a cos/sin cache [max_pos, D] (:func:`rope_cache`) rotating q [..., D]: 2-D,
+    float32 or q's dtype, D even and equal to q's head dim, on q's device."""
+    checks.tensor(fn, name, cos_sin, 2)
+    if cos_sin.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"{fn}: {name} has dtype {cos_sin.dtype}; expected torch.float32 or q's {q.dtype}")
+    d = q.shape[-1]
+    if d % 2:
+        raise ValueError(f"{fn}: rope needs an even head dim (the two halves are rotated together), got {d}")
+    if cos_sin.shape[1] != d or cos_sin.device != q.device:
+        raise ValueError(f"{fn}: {name} must be [max_pos, D={d}] on {q.device}, got {list(cos_sin.shape)} on "
+                         f"{cos_sin.device}")
 
 
 def rope(
@@ -335,20 +353,14 @@ def rope(
     checks.tensor(fn, "q", q, 3)
     checks.tensor(fn, "k", k, 3)
     checks.tensor(fn, "positions", positions, 1)
-    checks.tensor(fn, "cos_sin_cache", cos_sin_cache, 2)
     checks.float_dtype(fn, "q", q)
     checks.float_dtype(fn, "k", k, like=q)
     checks.index_dtype(fn, "positions", positions)
-    if cos_sin_cache.dtype not in (torch.float32, q.dtype):
-        raise TypeError(f"rope: cos_sin_cache has dtype {cos_sin_cache.dtype}; expected torch.float32 or q's {q.dtype}")
+    check_cos_sin(fn, "cos_sin_cache", cos_sin_cache, q)
     T, Hq, D = q.shape
-    if D % 2:
-        raise ValueError(f"rope: head dim must be even (the two halves are rotated together), got {D}")
     if k.shape[0] != T or k.shape[2] != D:
         raise ValueError(f"rope: k must be [T, Hkv, D] = [{T}, Hkv, {D}] like q, got {list(k.shape)}")
     checks.shape(fn, "positions", positions, (T,), "[T]")
-    if cos_sin_cache.shape[1] != D:
-        raise ValueError(f"rope: cos_sin_cache must be [max_pos, D] with D = {D}, got {list(cos_sin_cache.shape)}")
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"rope: config must be a dict or None, got {type(config).__name__}")
     checks.same_device(fn, q=q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)

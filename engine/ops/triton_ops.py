@@ -210,11 +210,10 @@ class TritonOps(TorchOps):
     def rope_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                        sm_scale: float) -> torch.Tensor:
-        """As TorchOps.rope_attention; a decode step in one
-        attention_paged launch, which rotates q and k by each query's position context_lens - 1 (the
-        engine's decode positions: ``positions`` is not read) and stores k and v. On an H200 it took
-        the batch-1 decode graph from 889 to 856 us and the served step from 0.913 to 0.884 ms
-        (results/bench_engine_nvidia_h200/rope_attention/)."""
+        """As TorchOps.rope_attention; a decode step in one attention_paged launch, which rotates q
+        and k by each query's position context_lens - 1 (the engine's decode positions: ``positions``
+        is not read) and stores k and v. On an H200 it took the batch-1 decode graph from 889 to 856
+        us and the served step from 0.913 to 0.884 ms (results/bench_engine_nvidia_h200/rope_attention/)."""
         if not self.fuses_rope_attention(meta.max_seqlen_q):
             return super().rope_attention(q, k, v, positions, cos_sin, k_cache, v_cache, meta, sm_scale)
         return self._attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,

@@ -1,7 +1,7 @@
-"""What the batch-1 decode scripts of this folder share (pdl/, async/, rope_attention/): the run's
-environment, the engine they time (random-init llama-3.2-1b, bfloat16, CUDA graphs, windows of 8
-steps), its weight-streaming floor, its decode graph's timeline at one context length, the request
-they serve and the served time per step.
+"""What the batch-1 decode scripts of this folder share (pdl/, async/, rope_attention/,
+context_buckets/): the run's environment, the engine they time (random-init llama-3.2-1b, bfloat16,
+CUDA graphs, windows of 8 steps), its weight-streaming floor, capturing its graphs again, its decode
+graph's timeline at one context length, the request they serve and the served time per step.
 
 A script imports it as ``batch1`` after putting this folder on ``sys.path``:
 
@@ -39,6 +39,16 @@ def engine(**settings) -> LLM:
 def floor_ms(llm: LLM, copy_gbps: float) -> float:
     """The decode step's weight bytes over the copy bandwidth, in ms."""
     return llm.runner.model.weights.decode_bytes() / (copy_gbps * 1e6)
+
+
+def recapture(llm: LLM, contexts: list[int] | None = None) -> None:
+    """Capture the engine's decode graphs again (after a setting changed), at ``contexts`` (context
+    buckets) when given."""
+    g = llm.runner.graphs
+    if contexts is not None:
+        g.contexts = contexts
+    g._graphs = {}
+    g._capture()
 
 
 def graph_span(llm: LLM, context: int = 512, replays: int = 10) -> pd.DataFrame:

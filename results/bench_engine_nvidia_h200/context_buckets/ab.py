@@ -53,29 +53,20 @@ def tune(out: str) -> None:
     shutil.copy(cache, os.path.join(out, cache.name))
 
 
-def recapture(llm, contexts: list[int]) -> None:
-    g = llm.runner.graphs
-    g.contexts, g._graphs = contexts, {}
-    g._capture()
-
-
 def ab(out: str) -> None:
     res: dict = {**batch1.environment(), "rounds": []}
     llm = batch1.engine(max_model_len=MAX_MODEL_LEN)
     res["floor_ms"] = batch1.floor_ms(llm, res["copy_GBps"])
-    ops, c = llm.runner.model.ops, llm.config
-    g = llm.runner.graphs
+    ops, g = llm.runner.model.ops, llm.runner.graphs
     res["contexts"], res["graphs"] = g.contexts, g.num_graphs
-    res["bucket_configs"] = {cap: ops.resolve("attention_paged", {**shape(1, cap), "heads_q": c.num_heads,
-                                                                   "heads_kv": c.num_kv_heads, "head_dim": c.head_dim},
-                                              "bfloat16") for cap in g.contexts}
+    res["bucket_configs"] = {cap: ops.resolve("attention_paged", shape(1, cap), "bfloat16") for cap in g.contexts}
     print(res["contexts"], res["graphs"], res["bucket_configs"], flush=True)
     prompt, params = batch1.request()
     dump = lambda: json.dump(res, open(os.path.join(out, "context_buckets_ab.json"), "w"), indent=1)  # noqa: E731
     variants = {"per_bucket": list(g.contexts), "one_graph": [g.contexts[-1]]}
     graphs = {}
     for name, contexts in variants.items():
-        recapture(llm, contexts)
+        batch1.recapture(llm, contexts)
         graphs[name] = g._graphs
         batch1.served(llm, prompt, params)
         for ctx in (256, 512):

@@ -23,7 +23,7 @@ import kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this folder's parent: batch1.py
 import batch1  # noqa: E402
-from batch1 import served  # noqa: E402
+from batch1 import recapture, served  # noqa: E402
 
 CONFIGS = [  # valid at the graph's context bound, 1024 (batch1.engine's max_model_len)
     {"variant": "decode_split", "TILE": 64, "SPLIT": 4, "HEADS": 4, "BLOCK_Q": 1, "num_warps": 4, "num_stages": 3},
@@ -35,12 +35,6 @@ CONFIGS = [  # valid at the graph's context bound, 1024 (batch1.engine's max_mod
     {"variant": "decode_split", "TILE": 32, "SPLIT": 32, "HEADS": 2, "BLOCK_Q": 1, "num_warps": 2, "num_stages": 2},
     {"variant": "decode_split", "TILE": 64, "SPLIT": 16, "HEADS": 4, "BLOCK_Q": 1, "num_warps": 2, "num_stages": 3},
 ]
-
-
-def recapture(llm) -> None:
-    g = llm.runner.graphs
-    g._graphs = {}
-    g._capture()
 
 
 def main(out: str, part: str) -> None:
