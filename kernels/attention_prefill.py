@@ -5,6 +5,12 @@ the longest sequence (``max_seqlen``). Structural variants (the categorical para
 - ``ptr``: K and V tiles loaded through pointers (any head dim up to 256, padded to a power of two);
 - ``tma`` (Hopper, and the interpreter): Q, K and V tiles through tensor descriptors (head dims
   that are powers of two); Q stays in shared memory, not in registers.
+- ``ws`` and ``ws_pp`` (Hopper GPUs, head dims 64 and 128, float16 and bfloat16): a Gluon kernel
+  with warp specialisation, FlashAttention-3's forward: a loader warp and two consumer warp
+  groups of 64 query rows, each overlapping one key block's softmax with the products of the
+  next; ``ws_pp`` also makes the two consumers take turns at the tensor cores (ping-pong).
+  Template ``kernels/templates/attention_prefill_ws.py.j2``; BLOCK_M 128 and 4 warps (one
+  consumer warp group) fixed, registers split by the template, not by ``maxnreg``.
 Tunables: BLOCK_M (queries per program), BLOCK_N (keys per step), num_warps, num_stages, and
 ``maxnreg`` (registers per thread, 0 for the compiler's choice: a cap lets two programs share an SM
 so that one's softmax overlaps the other's matrix products; Triton's launch option of that name).
@@ -15,7 +21,9 @@ The template is ``kernels/templates/attention_prefill.py.j2``; the direct call i
 """
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -28,6 +36,8 @@ _KEYS = ("batch", "seqlen", "heads_q", "heads_kv", "head_dim", "causal")
 # A thread holds the float32 accumulator [BLOCK_M, D] and score tile [BLOCK_M, BLOCK_N]; beyond
 # this many of their registers per thread the kernel spills.
 _MAX_ACC_REGS = 192
+# Variants of the warp-specialised Gluon template.
+WS_VARIANTS = ("ws", "ws_pp")
 # float32 operands (exact products) go through FMA units whose operand tiles live in registers too:
 # beyond this many registers per thread for accumulator, scores, q and k, ptxas spills heavily.
 MAX_FP32_REGS = 96
@@ -89,16 +99,27 @@ def nearest_config(configs: list[Config], want: Config) -> Config:
 class PrefillFamily(Family):
     name = "attention_prefill"
     template_file = "attention_prefill.py.j2"
-    template_version = 1
+    ws_template_file = "attention_prefill_ws.py.j2"
+    template_version = 2
+
+    @functools.cached_property
+    def template(self) -> str:
+        """Both templates in one text (so that the template hash covers both): the Gluon one for
+        the ws variants, the Triton one for the others."""
+        root = Path(__file__).parent / "templates"
+        ws, plain = ((root / f).read_text() for f in (self.ws_template_file, self.template_file))
+        return f"{{% if VARIANT in {WS_VARIANTS} %}}\n{ws}{{% else %}}\n{plain}{{% endif %}}\n"
 
     # --- search space ---------------------------------------------------------------------------
     def space(self, shape: Shape, dtype: str) -> dict[str, list]:
         _, L, _, _, d, _ = _dims(shape)
         torch_dtype(dtype)
-        tma_ok = (interpreting() or device_facts().capability >= (9, 0)) and d == head_dim_pad(d)
+        hopper_gpu = not interpreting() and device_facts().capability >= (9, 0)
+        tma_ok = (interpreting() or hopper_gpu) and d == head_dim_pad(d)
+        ws_ok = hopper_gpu and d in (64, 128) and dtype in ("float16", "bfloat16") and L >= 64
         tiles = [b for b in (16, 32, 64, 128) if b <= max(16, next_pow2(L))]
         return {
-            "variant": ["ptr", "tma"] if tma_ok else ["ptr"],
+            "variant": ["ptr", "tma"][:1 + tma_ok] + (list(WS_VARIANTS) if ws_ok else []),
             "BLOCK_M": tiles,
             "BLOCK_N": tiles,
             "num_warps": [4, 8],
@@ -109,6 +130,8 @@ class PrefillFamily(Family):
     def reject(self, shape: Shape, dtype: str, config: Config) -> str | None:
         d = head_dim_pad(_dims(shape)[4])
         bm, bn, warps, stages = config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"]
+        if config["variant"] in WS_VARIANTS:
+            return self._reject_ws(d, dtype, config)
         regs = (bm * d + bm * bn) // (32 * warps)
         if regs > _MAX_ACC_REGS:
             return f"float32 accumulator {bm}x{d} and scores {bm}x{bn} need {regs} registers per thread with {warps} warps"
@@ -124,6 +147,24 @@ class PrefillFamily(Family):
             return f"a {bm}x{bn} score tile leaves threads of {warps} warps idle"
         elt = _elt(dtype)
         smem = bm * d * elt + stages * 2 * bn * d * elt  # Q once, K and V per pipeline stage
+        limit = device_facts().smem_per_block
+        if smem > limit:
+            return f"needs {smem} bytes of shared memory, the device has {limit}"
+        return None
+
+    @staticmethod
+    def _reject_ws(d: int, dtype: str, config: Config) -> str | None:
+        """The warp-specialised kernel: two consumer warp groups of 64 rows (BLOCK_M 128, 4 warps
+        each), key blocks of 64 or 128, registers split by the template."""
+        if config["BLOCK_M"] != 128 or config["num_warps"] != 4:
+            return "the ws variants run BLOCK_M 128 as two consumer warp groups of 4 warps"
+        if config["BLOCK_N"] not in (64, 128):
+            return "the ws variants take key blocks of 64 or 128"
+        if config["maxnreg"]:
+            return "the ws variants split registers between their partitions themselves (maxnreg 0)"
+        elt = _elt(dtype)
+        # Q, the key/value stages, and 8 KB per consumer for the output's layout change.
+        smem = 128 * d * elt + config["num_stages"] * 2 * config["BLOCK_N"] * d * elt + 2 * 8192 + 1024
         limit = device_facts().smem_per_block
         if smem > limit:
             return f"needs {smem} bytes of shared memory, the device has {limit}"

@@ -53,6 +53,7 @@ def compile_only(arch: int) -> Iterator[list[Compiled]]:
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile, make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     if interpreting():
@@ -67,7 +68,8 @@ def compile_only(arch: int) -> Iterator[list[Compiled]]:
         binder = create_function_from_signature(self.signature, self.params, backend)
         bound_args, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
-        kernel = compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__)
+        source = (GluonASTSource if self.is_gluon() else ASTSource)(self, signature, constexprs, attrs)
+        kernel = compile(source, target=target, options=options.__dict__)
         compiled.append(Compiled(self.__name__, kernel))
 
     saved = JITFunction.run

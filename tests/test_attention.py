@@ -74,6 +74,80 @@ def test_prefill_tiles_and_variants(variant: str, maxnreg: int, block_m: int, bl
     _check(PREFILL, inputs, config, dtype, device)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant,block_n,stages,causal,head_dim,group", [
+    ("ws", 128, 2, True, 128, 1),
+    ("ws_pp", 64, 3, False, 128, 4),
+    ("ws", 64, 2, True, 64, 8),
+    ("ws_pp", 128, 2, False, 64, 2),
+    ("ws_pp", 128, 2, True, 128, 2),
+])
+def test_prefill_warp_specialised(variant: str, block_n: int, stages: int, causal: bool, head_dim: int, group: int,
+                                  dtype: str, device: torch.device) -> None:
+    """The Gluon kernel on a Hopper GPU: a ragged batch whose lengths end inside a query half, a key
+    block and a stage lap (300), fill one key block exactly (64, 128), hold one token or none; GQA
+    groups 1 to 8. Query blocks run past a sequence's end into the next one (loaded, never stored)."""
+    if dtype == "float32":
+        pytest.skip("the ws variants run float16 and bfloat16")
+    shape, inputs = _prefill_inputs([300, 1, 129, 0, 64, 77, 128], 8, 8 // group, head_dim, causal, dtype, device, seed=2)
+    config = {"variant": variant, "BLOCK_M": 128, "BLOCK_N": block_n, "num_warps": 4, "num_stages": stages, "maxnreg": 0}
+    assert variant in PREFILL.space(shape, dtype)["variant"]
+    PREFILL.check_config(shape, dtype, config)
+    _check(PREFILL, inputs, config, dtype, device)
+
+
+_WS_COMPILE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import kernels
+    from kernels import gpu_compile
+    from kernels.device import KNOWN_DEVICES, assume_device
+    fam = kernels.get_family("attention_prefill")
+    out = []
+    with assume_device(KNOWN_DEVICES["h200"]):
+        for variant, d, causal in (("ws", 128, True), ("ws_pp", 64, False)):
+            shape = {"batch": 2, "seqlen": 256, "heads_q": 4, "heads_kv": 2, "head_dim": d, "causal": causal}
+            cfg = {"variant": variant, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 0}
+            [r] = gpu_compile.resources(fam, shape, "bfloat16", cfg, arch=90)
+            out.append({**r, "ptx": "setmaxnreg" in gpu_compile.compile_launch(fam, shape, "bfloat16", cfg)[0].kernel.asm["ptx"]})
+    print(json.dumps(out))
+""")
+
+
+def test_prefill_warp_specialised_compiles_for_hopper(tmp_path) -> None:
+    """The Gluon variants compiled for sm_90 with an H200's facts (no GPU): 12 warps within the
+    kernel-wide cap of 168 registers, redistributed by setmaxnreg, nothing spilled, and shared
+    memory within an H200 SM's."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "WORKBENCH_KERNEL_CACHE": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _WS_COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    for r in json.loads(run.stdout.strip().splitlines()[-1]):
+        assert r["name"] == "prefill_ws_kernel" and r["registers"] <= 168 and r["spill_bytes"] == 0, r
+        assert r["ptx"] and r["shared"] <= 232448, r
+
+
+def test_prefill_warp_specialised_variants_only_on_a_hopper_gpu() -> None:
+    """Gluon does not run in the interpreter: the ws variants are offered only on a Hopper GPU,
+    for head dims 64 and 128 in 16-bit types; their fixed tile is checked."""
+    from kernels.device import KNOWN_DEVICES, assume_device, interpreting
+
+    shape = {"batch": 1, "seqlen": 512, "heads_q": 4, "heads_kv": 4, "head_dim": 128, "causal": True}
+    ws = {"variant": "ws", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 0}
+    if interpreting():
+        assert "ws" not in PREFILL.space(shape, "float16")["variant"]
+        return
+    with assume_device(KNOWN_DEVICES["h200"]):
+        assert {"ws", "ws_pp"} <= set(PREFILL.space(shape, "bfloat16")["variant"])
+        assert "ws" not in PREFILL.space(shape, "float32")["variant"]
+        assert "ws" not in PREFILL.space({**shape, "head_dim": 96}, "bfloat16")["variant"]
+        PREFILL.check_config(shape, "bfloat16", ws)
+        for bad, why in (({"num_warps": 8}, "two consumer warp groups"), ({"BLOCK_M": 64}, "two consumer warp groups"),
+                         ({"maxnreg": 128}, "maxnreg 0"), ({"BLOCK_N": 32}, "64 or 128"),
+                         ({"num_stages": 4}, "shared memory")):
+            with pytest.raises(ValueError, match=why):
+                PREFILL.check_config(shape, "bfloat16", {**ws, **bad})
+
+
 _RESOURCES_SCRIPT = textwrap.dedent("""
     import json, sys
     import kernels

@@ -1,0 +1,108 @@
+"""Warp-specialised prefill (the Gluon ``ws``/``ws_pp`` variants) against the ``tma`` variant and
+SDPA's flash and cuDNN backends, at issue 4's five prefill points, bfloat16, one process.
+
+    python -m results.attention_prefill_ws.bench --out DIR [--points 0,1,...] [--variants ws,ws_pp,tma]
+
+Per point: the float64 reference once; then each baseline and each candidate runs on a
+NaN-poisoned output and must match the reference before it is timed (cold-L2 CUDA-graph replays,
+the autotuner's timing; median). Candidates: the family's default config, the device cache's
+tuned config, and every valid config of the chosen variants. Writes ``ws_configs.csv`` (one row per
+point and candidate, with device, versions and date) and prints each point's best per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+import triton
+
+import kernels
+from autotune import cache
+from experiments.attention_suite import PREFILL, PREFILL_BASELINES, _backend, _checked, compile_shape
+from experiments.measure import time_ms
+from experiments.suite import precompile
+from kernels.device import default_device, device_facts
+
+DTYPE = "bfloat16"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for ws_configs.csv")
+    parser.add_argument("--points", default="0,1,2,3,4", help="indices into attention_suite.PREFILL")
+    parser.add_argument("--variants", default="ws,ws_pp", help="variants whose every config runs")
+    parser.add_argument("--workers", type=int, default=14)
+    args = parser.parse_args(argv)
+    fam = kernels.get_family("attention_prefill")
+    device = default_device()
+    facts = device_facts(device)
+    variants = set(args.variants.split(","))
+    meta = {"device": facts.name, "torch": torch.__version__, "triton": triton.__version__,
+            "date": dt.date.today().isoformat()}
+
+    plan = []
+    for i in map(int, args.points.split(",")):
+        shape = PREFILL[i]
+        cands = [("default", fam.default_config(shape, DTYPE))]
+        hit = cache.lookup(fam, shape, DTYPE, nearest=False)
+        if hit is not None:
+            cands.append(("cached", hit["config"]))
+        cands += [(c["variant"], c) for c in fam.configs(shape, DTYPE) if c["variant"] in variants]
+        plan.append((shape, cands))
+    jobs = [(fam.name, compile_shape(fam, s), DTYPE, c) for s, cands in plan for _, c in cands]
+    errors = iter(precompile(jobs, args.workers))
+
+    rows = []
+    for shape, cands in plan:
+        inputs = fam.make_inputs(shape, DTYPE, device, seed=1)
+        ref = fam.reference(inputs)
+        tol = fam.tolerance(DTYPE, device)
+        flops = fam.flops(shape)
+        base = {}
+        for name, backend in PREFILL_BASELINES.items():
+            with _backend(backend):
+                err, state = _checked(lambda: fam.baseline(inputs), inputs, ref, tol)
+                base[name] = time_ms(lambda: fam.baseline(inputs), "cuda").ms if state == "ok" else math.nan
+            rows.append({**meta, **shape, "kind": name, "config": "", "ms": base[name], "rel_error": err,
+                         "state": state})
+        for kind, cfg in cands:
+            failed = next(errors)
+            if failed is not None:
+                rows.append({**meta, **shape, "kind": kind, "config": json.dumps(cfg), "ms": math.nan,
+                             "rel_error": math.nan, "state": f"compile failed: {failed}"})
+                continue
+            err, state = _checked(lambda: fam.run(inputs, cfg), inputs, ref, tol)
+            ms = time_ms(fam.timed_call(inputs, cfg), "cuda").ms if state == "ok" else math.nan
+            rows.append({**meta, **shape, "kind": kind, "config": json.dumps(cfg), "ms": ms, "rel_error": err,
+                         "state": state})
+        for r in rows:
+            if r["seqlen"] == shape["seqlen"] and r["batch"] == shape["batch"] and r["head_dim"] == shape["head_dim"] \
+                    and r["causal"] == shape["causal"]:
+                r["TFLOPs"] = flops / r["ms"] / 1e9
+                for name, ms in base.items():
+                    r[f"speedup_vs_{name}"] = ms / r["ms"]
+        torch.cuda.empty_cache()
+
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "ws_configs.csv", index=False)
+    for r in df[df["state"] != "ok"].itertuples():
+        print(f"B{r.batch} L{r.seqlen} D{r.head_dim} causal={r.causal} {r.kind} {r.config}: {r.state}")
+    ok = df[df["state"] == "ok"]
+    best = ok.loc[ok.groupby(["batch", "seqlen", "head_dim", "causal", "kind"])["ms"].idxmin()]
+    cols = ["batch", "seqlen", "head_dim", "causal", "kind", "ms", "TFLOPs", "speedup_vs_sdpa_flash",
+            "speedup_vs_sdpa_cudnn", "config"]
+    with pd.option_context("display.width", 250, "display.max_colwidth", 120, "display.float_format", "{:.4g}".format):
+        print(best[cols].to_string(index=False))
+    print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
