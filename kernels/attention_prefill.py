@@ -37,7 +37,7 @@ _KEYS = ("batch", "seqlen", "heads_q", "heads_kv", "head_dim", "causal")
 # this many of their registers per thread the kernel spills.
 _MAX_ACC_REGS = 192
 # Variants of the warp-specialised Gluon template.
-WS_VARIANTS = ("ws", "ws_pp")
+WS_VARIANTS = ("ws", "ws_pp", "wsp", "wsp_pp")
 # float32 operands (exact products) go through FMA units whose operand tiles live in registers too:
 # beyond this many registers per thread for accumulator, scores, q and k, ptxas spills heavily.
 MAX_FP32_REGS = 96

@@ -1,7 +1,7 @@
 """Warp-specialised prefill (the Gluon ``ws``/``ws_pp`` variants) against the ``tma`` variant and
 SDPA's flash and cuDNN backends, at issue 4's five prefill points, bfloat16, one process.
 
-    python -m results.attention_prefill_ws.bench --out DIR [--points 0,1,...] [--variants ws,ws_pp,tma]
+    python -m results.attention_prefill_ws.bench --out DIR [--points 0,1,...] [--variants ws,ws_pp,tma] [--block-n 128]
 
 Per point: the float64 reference once; then each baseline and each candidate runs on a
 NaN-poisoned output and must match the reference before it is timed (cold-L2 CUDA-graph replays,
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for ws_configs.csv")
     parser.add_argument("--points", default="0,1,2,3,4", help="indices into attention_suite.PREFILL")
     parser.add_argument("--variants", default="ws,ws_pp", help="variants whose every config runs")
+    parser.add_argument("--block-n", type=int, help="only this BLOCK_N of those variants")
     parser.add_argument("--workers", type=int, default=14)
     args = parser.parse_args(argv)
     fam = kernels.get_family("attention_prefill")
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         hit = cache.lookup(fam, shape, DTYPE, nearest=False)
         if hit is not None:
             cands.append(("cached", hit["config"]))
-        cands += [(c["variant"], c) for c in fam.configs(shape, DTYPE) if c["variant"] in variants]
+        cands += [(c["variant"], c) for c in fam.configs(shape, DTYPE)
+                  if c["variant"] in variants and args.block_n in (None, c["BLOCK_N"])]
         plan.append((shape, cands))
     jobs = [(fam.name, compile_shape(fam, s), DTYPE, c) for s, cands in plan for _, c in cands]
     errors = iter(precompile(jobs, args.workers))
