@@ -5,12 +5,13 @@ the longest sequence (``max_seqlen``). Structural variants (the categorical para
 - ``ptr``: K and V tiles loaded through pointers (any head dim up to 256, padded to a power of two);
 - ``tma`` (Hopper, and the interpreter): Q, K and V tiles through tensor descriptors (head dims
   that are powers of two); Q stays in shared memory, not in registers.
-- ``ws`` and ``ws_pp`` (Hopper GPUs, head dims 64 and 128, float16 and bfloat16): a Gluon kernel
-  with warp specialisation, FlashAttention-3's forward: a loader warp and two consumer warp
-  groups of 64 query rows, each overlapping one key block's softmax with the products of the
-  next; ``ws_pp`` also makes the two consumers take turns at the tensor cores (ping-pong).
-  Template ``kernels/templates/attention_prefill_ws.py.j2``; BLOCK_M 128 and 4 warps (one
-  consumer warp group) fixed, registers split by the template, not by ``maxnreg``.
+- ``ws``, ``ws_pp``, ``wsp`` and ``wsp_pp`` (Hopper GPUs, head dims 64 and 128, float16 and
+  bfloat16): a Gluon kernel with warp specialisation, FlashAttention-3's forward: a loader warp
+  and two consumer warp groups of 64 query rows, each overlapping one key block's softmax with
+  the products of the next. ``wsp*``: persistent programs, one per SM; ``*_pp``: the consumers
+  take turns at the tensor cores (ping-pong). Template
+  ``kernels/templates/attention_prefill_ws.py.j2``; BLOCK_M 128 and 4 warps (one consumer warp
+  group) fixed, registers split by the template, not by ``maxnreg``.
 Tunables: BLOCK_M (queries per program), BLOCK_N (keys per step), num_warps, num_stages, and
 ``maxnreg`` (registers per thread, 0 for the compiler's choice: a cap lets two programs share an SM
 so that one's softmax overlaps the other's matrix products; Triton's launch option of that name).
@@ -171,17 +172,22 @@ class PrefillFamily(Family):
         return None
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
-        """The valid config nearest the Hopper leads: tensor descriptors on a Hopper GPU (pointers
-        elsewhere and under the interpreter), BLOCK_M 128, BLOCK_N 64; for D 64, 4 warps and 3
-        stages; for D 128, 8 warps, 2 stages and registers capped at 128, so two programs share an
-        SM (the best of about 100 configs at B4 L4096, causal and not, in
-        results/attention_suite_nvidia_h200.csv: 1.12-1.13x the uncapped 3-stage config); 2 stages
-        for D 256."""
+        """At head dim 128 on a Hopper GPU in a 16-bit type: the warp-specialised kernel,
+        persistent with ping-pong, key blocks of 128, 2 stages (the best of the ws and tma
+        variants at B4 L4096 causal, results/attention_prefill_ws/NOTES.md). Otherwise the valid
+        config nearest the tma leads: tensor descriptors on a Hopper GPU (pointers elsewhere and
+        under the interpreter), BLOCK_M 128, BLOCK_N 64; for D 64, 4 warps and 3 stages (ahead of
+        every ws config at D 64); for D 128 in float32, 8 warps, 2 stages and registers capped at
+        128, so two programs share an SM; 2 stages for D 256."""
         d = head_dim_pad(_dims(shape)[4])
+        configs = self.configs(shape, dtype)
+        ws = {"variant": "wsp_pp", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 0}
+        if d == 128 and ws in configs:
+            return ws
         tma = not interpreting() and device_facts().is_hopper
         want = {"variant": "tma" if tma else "ptr", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if d <= 64 else 8,
                 "num_stages": 3 if d <= 64 else 2, "maxnreg": 128 if tma and d == 128 else 0}
-        return nearest_config(self.configs(shape, dtype), want)
+        return nearest_config([c for c in configs if c["variant"] not in WS_VARIANTS] or configs, want)
 
     def facts(self, shape: Shape, dtype: str, config: Config) -> dict[str, Any]:
         _, _, hq, hkv, d, causal = _dims(shape)

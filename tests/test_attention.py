@@ -160,9 +160,10 @@ _RESOURCES_SCRIPT = textwrap.dedent("""
     shape = {"batch": 2, "seqlen": 256, "heads_q": 4, "heads_kv": 4, "head_dim": 128, "causal": True}
     tile = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     with assume_device(KNOWN_DEVICES["h200"]):
-        default = fam.default_config(shape, "bfloat16")
-        out = {"default": default}
-        for name, cfg in (("default", default), ("tma", {"variant": "tma", **tile, "maxnreg": 0}),
+        out = {"default": fam.default_config(shape, "bfloat16"), "default_fp32": fam.default_config(shape, "float32"),
+               "default_d64": fam.default_config({**shape, "head_dim": 64}, "bfloat16")}
+        for name, cfg in (("capped", {"variant": "tma", **tile, "maxnreg": 128}),
+                          ("tma", {"variant": "tma", **tile, "maxnreg": 0}),
                           ("ptr", {"variant": "ptr", **tile, "maxnreg": 0})):
             [out[name + "_sm90"]] = gpu_compile.resources(fam, shape, "bfloat16", cfg, arch=90)
     print(json.dumps(out))
@@ -172,17 +173,21 @@ _RESOURCES_SCRIPT = textwrap.dedent("""
 def test_prefill_on_hopper_keeps_q_in_shared_memory_and_its_default_fits_the_register_cap(tmp_path) -> None:
     """Compiled for sm_90 with an H200's facts (Triton's NVIDIA backend and ptxas, no GPU): the tma
     variant reads Q from shared memory, so its 128x64 tile on 8 warps needs far fewer registers
-    than the ptr variant, which holds Q in registers; the D 128 default caps them at 128 without
-    spilling, two programs' worth of registers and shared memory per SM."""
+    than the ptr variant, which holds Q in registers; capped at 128 registers it does not spill,
+    two programs' worth of registers and shared memory per SM. The defaults: the warp-specialised
+    kernel at D 128 in 16-bit types, the tma variant at D 64 and in float32 (capped at D 128)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "WORKBENCH_KERNEL_CACHE": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", _RESOURCES_SCRIPT], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got["default"] == {"variant": "tma", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2,
-                              "maxnreg": 128}
-    assert got["default_sm90"]["registers"] <= 128 and got["default_sm90"]["spill_bytes"] == 0
-    assert 2 * got["default_sm90"]["shared"] <= 232448  # two programs fit an H200 SM's shared memory
+    assert got["default"] == {"variant": "wsp_pp", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2,
+                              "maxnreg": 0}
+    assert got["default_fp32"]["variant"] == "tma" and got["default_fp32"]["maxnreg"] == 128
+    assert got["default_d64"] == {"variant": "tma", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
+                                  "maxnreg": 0}
+    assert got["capped_sm90"]["registers"] <= 128 and got["capped_sm90"]["spill_bytes"] == 0
+    assert 2 * got["capped_sm90"]["shared"] <= 232448  # two programs fit an H200 SM's shared memory
     assert got["tma_sm90"]["registers"] < 170 < 200 < got["ptr_sm90"]["registers"]
     assert got["tma_sm90"]["spill_bytes"] == 0
 
