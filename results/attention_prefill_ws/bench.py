@@ -2,6 +2,7 @@
 SDPA's flash and cuDNN backends, at issue 4's five prefill points, bfloat16, one process.
 
     python -m results.attention_prefill_ws.bench --out DIR [--points 0,1,...] [--variants ws,ws_pp,tma] [--block-n 128]
+        [--ceilings-first]
 
 Per point: the float64 reference once; then each baseline and each candidate runs on a
 NaN-poisoned output and must match the reference before it is timed (cold-L2 CUDA-graph replays,
@@ -24,7 +25,7 @@ import triton
 import kernels
 from autotune import cache
 from experiments.attention_suite import PREFILL, PREFILL_BASELINES, _backend, _checked, compile_shape
-from experiments.measure import time_ms
+from experiments.measure import measure_ceilings, time_ms
 from experiments.suite import precompile
 from kernels.device import default_device, device_facts
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="ws,ws_pp", help="variants whose every config runs")
     parser.add_argument("--block-n", type=int, help="only this BLOCK_N of those variants")
     parser.add_argument("--workers", type=int, default=14)
+    parser.add_argument("--ceilings-first", action="store_true",
+                        help="measure the matmul and copy ceilings first, as attention_suite does")
     args = parser.parse_args(argv)
     fam = kernels.get_family("attention_prefill")
     device = default_device()
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.append((shape, cands))
     jobs = [(fam.name, compile_shape(fam, s), DTYPE, c) for s, cands in plan for _, c in cands]
     errors = iter(precompile(jobs, args.workers))
+    if args.ceilings_first:
+        measure_ceilings("cuda", DTYPE)
 
     rows = []
     for shape, cands in plan:
