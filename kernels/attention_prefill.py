@@ -17,7 +17,8 @@ Tunables: BLOCK_M (queries per program), BLOCK_N (keys per step), num_warps, num
 so that one's softmax overlaps the other's matrix products; Triton's launch option of that name).
 The generator specialises on the head dim, causal or not, and the GQA group size.
 
-The template is ``kernels/templates/attention_prefill.py.j2``; the direct call is
+The templates are ``kernels/templates/attention_prefill.py.j2`` and, for the ws variants,
+``attention_prefill_ws.py.j2``; the direct call is
 :func:`kernels.attention.prefill`.
 """
 from __future__ import annotations
@@ -117,8 +118,8 @@ class PrefillFamily(Family):
         torch_dtype(dtype)
         hopper_gpu = not interpreting() and device_facts().capability >= (9, 0)
         tma_ok = (interpreting() or hopper_gpu) and d == head_dim_pad(d)
-        ws_ok = hopper_gpu and d in (64, 128) and dtype in ("float16", "bfloat16") and L >= 64
         tiles = [b for b in (16, 32, 64, 128) if b <= max(16, next_pow2(L))]
+        ws_ok = hopper_gpu and d in (64, 128) and dtype in ("float16", "bfloat16") and 128 in tiles
         return {
             "variant": ["ptr", "tma"][:1 + tma_ok] + (list(WS_VARIANTS) if ws_ok else []),
             "BLOCK_M": tiles,
