@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -33,6 +32,7 @@ import torch
 from kernels import attention
 from kernels.device import device_facts, interpreting
 from kernels.family import Config, Family, Shape, config_steps, next_pow2, positive_dims, torch_dtype
+from kernels.generator import template_text
 
 _KEYS = ("batch", "seqlen", "heads_q", "heads_kv", "head_dim", "causal")
 # A thread holds the float32 accumulator [BLOCK_M, D] and score tile [BLOCK_M, BLOCK_N]; beyond
@@ -106,11 +106,12 @@ class PrefillFamily(Family):
 
     @functools.cached_property
     def template(self) -> str:
-        """Both templates in one text (so that the template hash covers both): the Gluon one for
-        the ws variants, the Triton one for the others."""
-        root = Path(__file__).parent / "templates"
-        ws, plain = ((root / f).read_text() for f in (self.ws_template_file, self.template_file))
-        return f"{{% if VARIANT in {WS_VARIANTS} %}}\n{ws}{{% else %}}\n{plain}{{% endif %}}\n"
+        """Both templates' text: the template hash covers the Gluon one too."""
+        return template_text(self.template_file) + template_text(self.ws_template_file)
+
+    def template_file_for(self, facts: dict[str, Any]) -> str:
+        """The Gluon template for the ws variants, the Triton one for the others."""
+        return self.ws_template_file if facts["VARIANT"] in WS_VARIANTS else self.template_file
 
     # --- search space ---------------------------------------------------------------------------
     def space(self, shape: Shape, dtype: str) -> dict[str, list]:

@@ -12,7 +12,6 @@ import abc
 import functools
 import itertools
 import math
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
@@ -126,8 +125,13 @@ class Family(abc.ABC):
 
     @functools.cached_property
     def template(self) -> str:
-        """The Jinja source the generator renders (see kernels/generator.py)."""
-        return (Path(__file__).parent / "templates" / self.template_file).read_text()
+        """All of the family's Jinja source: what its template hash covers (kernels/generator.py)."""
+        return generator.template_text(self.template_file)
+
+    def template_file_for(self, facts: dict[str, Any]) -> str:
+        """The template (under kernels/templates/) that renders the variant of ``facts``: the
+        family's one template, unless a family keeps a variant in a template of its own."""
+        return self.template_file
 
     # --- search space -----------------------------------------------------------------------
     @abc.abstractmethod

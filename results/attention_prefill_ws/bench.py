@@ -69,30 +69,25 @@ def main(argv: list[str] | None = None) -> int:
         inputs = fam.make_inputs(shape, DTYPE, device, seed=1)
         ref = fam.reference(inputs)
         tol = fam.tolerance(DTYPE, device)
-        flops = fam.flops(shape)
-        base = {}
+        timed = []  # (kind, config, ms, rel error, state) of the point
         for name, backend in PREFILL_BASELINES.items():
             with _backend(backend):
                 err, state = _checked(lambda: fam.baseline(inputs), inputs, ref, tol)
-                base[name] = time_ms(lambda: fam.baseline(inputs), "cuda").ms if state == "ok" else math.nan
-            rows.append({**meta, **shape, "kind": name, "config": "", "ms": base[name], "rel_error": err,
-                         "state": state})
+                ms = time_ms(lambda: fam.baseline(inputs), "cuda").ms if state == "ok" else math.nan
+            timed.append((name, "", ms, err, state))
         for kind, cfg in cands:
             failed = next(errors)
             if failed is not None:
-                rows.append({**meta, **shape, "kind": kind, "config": json.dumps(cfg), "ms": math.nan,
-                             "rel_error": math.nan, "state": f"compile failed: {failed}"})
+                timed.append((kind, json.dumps(cfg), math.nan, math.nan, f"compile failed: {failed}"))
                 continue
             err, state = _checked(lambda: fam.run(inputs, cfg), inputs, ref, tol)
             ms = time_ms(fam.timed_call(inputs, cfg), "cuda").ms if state == "ok" else math.nan
-            rows.append({**meta, **shape, "kind": kind, "config": json.dumps(cfg), "ms": ms, "rel_error": err,
-                         "state": state})
-        for r in rows:
-            if r["seqlen"] == shape["seqlen"] and r["batch"] == shape["batch"] and r["head_dim"] == shape["head_dim"] \
-                    and r["causal"] == shape["causal"]:
-                r["TFLOPs"] = flops / r["ms"] / 1e9
-                for name, ms in base.items():
-                    r[f"speedup_vs_{name}"] = ms / r["ms"]
+            timed.append((kind, json.dumps(cfg), ms, err, state))
+        base = {kind: ms for kind, _, ms, _, _ in timed if kind in PREFILL_BASELINES}
+        for kind, config, ms, err, state in timed:
+            rows.append({**meta, **shape, "kind": kind, "config": config, "ms": ms, "rel_error": err, "state": state,
+                         "TFLOPs": fam.flops(shape) / ms / 1e9,
+                         **{f"speedup_vs_{name}": b / ms for name, b in base.items()}})
         torch.cuda.empty_cache()
 
     df = pd.DataFrame(rows)
