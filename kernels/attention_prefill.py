@@ -174,17 +174,18 @@ class PrefillFamily(Family):
         return None
 
     def default_config(self, shape: Shape, dtype: str) -> Config:
-        """At head dim 128 on a Hopper GPU in a 16-bit type: the warp-specialised kernel,
-        persistent with ping-pong, key blocks of 128, 2 stages (the best of the ws and tma
-        variants at B4 L4096 causal, results/attention_prefill_ws/NOTES.md). Otherwise the valid
-        config nearest the tma leads: tensor descriptors on a Hopper GPU (pointers elsewhere and
-        under the interpreter), BLOCK_M 128, BLOCK_N 64; for D 64, 4 warps and 3 stages (ahead of
-        every ws config at D 64); for D 128 in float32, 8 warps, 2 stages and registers capped at
-        128, so two programs share an SM; 2 stages for D 256."""
+        """On a Hopper GPU in a 16-bit type at head dim 64 or 128: the warp-specialised kernel,
+        persistent, key blocks of 128, 2 stages; with ping-pong at D 128 (the best ws configs at
+        issue 4's points, results/attention_prefill_ws/NOTES.md). Otherwise the valid config
+        nearest the tma leads: tensor descriptors on a Hopper GPU (pointers elsewhere and under the
+        interpreter), BLOCK_M 128, BLOCK_N 64; for D 64, 4 warps and 3 stages; for D 128 in
+        float32, 8 warps, 2 stages and registers capped at 128, so two programs share an SM; 2
+        stages for D 256."""
         d = head_dim_pad(_dims(shape)[4])
         configs = self.configs(shape, dtype)
-        ws = {"variant": "wsp_pp", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 0}
-        if d == 128 and ws in configs:
+        ws = {"variant": "wsp_pp" if d == 128 else "wsp", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4,
+              "num_stages": 2, "maxnreg": 0}
+        if ws in configs:
             return ws
         tma = not interpreting() and device_facts().is_hopper
         want = {"variant": "tma" if tma else "ptr", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if d <= 64 else 8,

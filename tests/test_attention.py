@@ -83,19 +83,27 @@ def test_prefill_tiles_and_variants(variant: str, maxnreg: int, block_m: int, bl
     ("wsp_pp", 128, 2, True, 128, 2),
     ("wsp", 128, 2, True, 128, 1),
 ])
+@pytest.mark.parametrize("kv_heads_per_section", [None, 3])
 def test_prefill_warp_specialised(variant: str, block_n: int, stages: int, causal: bool, head_dim: int, group: int,
-                                  dtype: str, device: torch.device) -> None:
+                                  kv_heads_per_section: int | None, dtype: str, device: torch.device,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The Gluon kernel on a Hopper GPU: a ragged batch whose lengths end inside a query half, a key
     block and a stage lap (300), fill one key block exactly (64, 128), hold one token or none; GQA
     groups 1 to 8. Query blocks run past a sequence's end into the next one (loaded, never stored).
-    The persistent variants (wsp*) run 168 tiles on at most 132 programs: some run two, with tiles
-    past a sequence's end skipped between them."""
+    The persistent variants (wsp*) run 168 tiles on at most 132 programs, claiming tiles from a
+    counter: some run two, with tiles past a sequence's end skipped between them. Tiles come in
+    sections of heads whose keys and values fit in L2: one section at the module's size, and
+    sections of 3 KV heads' query heads when L2_SECTION_BYTES holds 3 heads' keys and values (the
+    last section partial: 3 * group does not divide the 56 (sequence, query head) pairs)."""
     if dtype == "float32":
         pytest.skip("the ws variants run float16 and bfloat16")
     shape, inputs = _prefill_inputs([300, 1, 129, 0, 64, 77, 128], 8, 8 // group, head_dim, causal, dtype, device, seed=2)
     config = {"variant": variant, "BLOCK_M": 128, "BLOCK_N": block_n, "num_warps": 4, "num_stages": stages, "maxnreg": 0}
     assert variant in PREFILL.space(shape, dtype)["variant"]
     PREFILL.check_config(shape, dtype, config)
+    if kv_heads_per_section is not None:
+        kv_bytes = 300 * head_dim * 2 * torch.finfo(getattr(torch, dtype)).bits // 8  # one KV head's K and V
+        monkeypatch.setattr(PREFILL.module(shape, dtype, config), "L2_SECTION_BYTES", kv_heads_per_section * kv_bytes)
     _check(PREFILL, inputs, config, dtype, device)
 
 
@@ -175,7 +183,7 @@ def test_prefill_on_hopper_keeps_q_in_shared_memory_and_its_default_fits_the_reg
     variant reads Q from shared memory, so its 128x64 tile on 8 warps needs far fewer registers
     than the ptr variant, which holds Q in registers; capped at 128 registers it does not spill,
     two programs' worth of registers and shared memory per SM. The defaults: the warp-specialised
-    kernel at D 128 in 16-bit types, the tma variant at D 64 and in float32 (capped at D 128)."""
+    kernel at D 128 and D 64 in 16-bit types, the tma variant in float32 (capped at D 128)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "WORKBENCH_KERNEL_CACHE": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", _RESOURCES_SCRIPT], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -184,7 +192,7 @@ def test_prefill_on_hopper_keeps_q_in_shared_memory_and_its_default_fits_the_reg
     assert got["default"] == {"variant": "wsp_pp", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2,
                               "maxnreg": 0}
     assert got["default_fp32"]["variant"] == "tma" and got["default_fp32"]["maxnreg"] == 128
-    assert got["default_d64"] == {"variant": "tma", "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
+    assert got["default_d64"] == {"variant": "wsp", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2,
                                   "maxnreg": 0}
     assert got["capped_sm90"]["registers"] <= 128 and got["capped_sm90"]["spill_bytes"] == 0
     assert 2 * got["capped_sm90"]["shared"] <= 232448  # two programs fit an H200 SM's shared memory

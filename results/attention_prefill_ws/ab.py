@@ -1,0 +1,137 @@
+"""Revisions of the warp-specialised prefill template timed against each other in one process.
+
+    python -m results.attention_prefill_ws.ab --out DIR --templates T0=a.j2,T1=b.j2 [--points 0,1,2]
+        [--configs '[{"variant": "wsp_pp", "BLOCK_N": 128, "num_stages": 2}, ...]'] [--rounds 2]
+
+Each template file stands in for kernels/templates/attention_prefill_ws.py.j2 while its modules
+are rendered (the template hash, hence the emitted module, differs per revision). Per point: the
+float64 reference and SDPA's flash and cuDNN backends once; then, for ``--rounds`` rounds, every
+config under every revision in turn, each checked on a NaN-poisoned output before it is timed
+(cold-L2 CUDA-graph replays, median). Interleaving the revisions within a round keeps a drift of
+the card's speed out of their ratios. Writes ``ab.csv`` and prints the median per revision and
+config with its ratio to the first revision and to the baselines.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import datetime as dt
+import json
+import math
+import multiprocessing as mp
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import torch
+import triton
+
+import kernels
+from experiments.attention_suite import PREFILL, PREFILL_BASELINES, _backend, _checked, compile_shape
+from experiments.measure import time_ms
+from experiments.suite import compile_one
+from kernels import attention_prefill, generator
+from kernels.device import default_device, device_facts
+
+DTYPE = "bfloat16"
+BASE = {"variant": "wsp_pp", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 0}
+
+
+@contextlib.contextmanager
+def ws_template(text: str) -> Iterator[None]:
+    """Within the block, the family renders its ws variants from ``text``."""
+    fam = kernels.get_family("attention_prefill")
+    saved = generator.template_text
+
+    def patched(file: str) -> str:
+        return text if file == fam.ws_template_file else saved(file)
+
+    def forget() -> None:  # the family's template hash and its memo of loaded modules
+        fam.__dict__.pop("template", None)
+        fam._resolved.clear()
+
+    generator.template_text = attention_prefill.template_text = patched
+    forget()
+    try:
+        yield
+    finally:
+        generator.template_text = attention_prefill.template_text = saved
+        forget()
+
+
+def _compile(text: str, job: tuple) -> str | None:
+    with ws_template(text):
+        return compile_one(job)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for ab.csv")
+    parser.add_argument("--templates", required=True, help="NAME=PATH,...; the first is the reference revision")
+    parser.add_argument("--points", default="0,1,2,3", help="indices into attention_suite.PREFILL")
+    parser.add_argument("--configs", default=json.dumps([BASE]),
+                        help="JSON list of config overrides of " + json.dumps(BASE))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=14)
+    args = parser.parse_args(argv)
+    fam = kernels.get_family("attention_prefill")
+    device = default_device()
+    texts = {name: Path(path).read_text() for name, path in (t.split("=", 1) for t in args.templates.split(","))}
+    configs = [{**BASE, **c} for c in json.loads(args.configs)]
+    points = [PREFILL[int(i)] for i in args.points.split(",")]
+    meta = {"device": device_facts(device).name, "torch": torch.__version__, "triton": triton.__version__,
+            "date": dt.date.today().isoformat()}
+
+    jobs = [(text, (fam.name, compile_shape(fam, shape), DTYPE, cfg))
+            for shape in points for cfg in configs for text in texts.values()]
+    with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+        for (_, job), err in zip(jobs, pool.map(_compile, *zip(*jobs))):
+            if err is not None:
+                print(f"compile failed: {job[1]} {job[3]}: {err}")
+
+    rows = []
+    for shape in points:
+        inputs = fam.make_inputs(shape, DTYPE, device, seed=1)
+        ref = fam.reference(inputs)
+        tol = fam.tolerance(DTYPE, device)
+        base = {}
+        for name, backend in PREFILL_BASELINES.items():
+            with _backend(backend):
+                err, state = _checked(lambda: fam.baseline(inputs), inputs, ref, tol)
+                base[name] = time_ms(lambda: fam.baseline(inputs), "cuda").ms if state == "ok" else math.nan
+        for rnd in range(args.rounds):
+            for cfg in configs:
+                for name, text in texts.items():
+                    with ws_template(text):
+                        err, state = _checked(lambda: fam.run(inputs, cfg), inputs, ref, tol)
+                        ms = time_ms(fam.timed_call(inputs, cfg), "cuda").ms if state == "ok" else math.nan
+                    rows.append({**meta, **shape, "round": rnd, "revision": name, "config": json.dumps(cfg),
+                                 "ms": ms, "rel_error": err, "state": state, "TFLOPs": fam.flops(shape) / ms / 1e9,
+                                 **{f"{b}_ms": t for b, t in base.items()}})
+        torch.cuda.empty_cache()
+
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "ab.csv", index=False)
+    for r in df[df["state"] != "ok"].itertuples():
+        print(f"B{r.batch} L{r.seqlen} D{r.head_dim} causal={r.causal} {r.revision} {r.config}: {r.state}")
+    keys = ["batch", "seqlen", "head_dim", "causal", "config"]
+    med = df.groupby(keys + ["revision"], sort=False).agg(
+        ms=("ms", "median"), TFLOPs=("TFLOPs", "median"),
+        **{f"{b}_ms": (f"{b}_ms", "first") for b in PREFILL_BASELINES}).reset_index()
+    first = next(iter(texts))
+    ref_ms = med[med["revision"] == first].set_index(keys)["ms"]
+    med["vs_" + first] = ref_ms.reindex(pd.MultiIndex.from_frame(med[keys])).to_numpy() / med["ms"]
+    for b in PREFILL_BASELINES:
+        med[f"vs_{b}"] = med[f"{b}_ms"] / med["ms"]
+    med["config"] = med["config"].map(lambda c: "{variant} {BLOCK_N} {num_stages}st".format(**json.loads(c)))
+    with pd.option_context("display.width", 250, "display.float_format", "{:.4g}".format):
+        print(med.drop(columns=[f"{b}_ms" for b in PREFILL_BASELINES]).to_string(index=False))
+    print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
