@@ -7,6 +7,7 @@ runs the same tests on CUDA with bfloat16 added; tests marked ``gpu`` run only t
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if metafunc.config.getoption("--gpu"):
             dtypes.append("bfloat16")
         metafunc.parametrize("dtype", dtypes)
+
+
+@pytest.fixture(scope="session")
+def bench_engine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of one ``python -m experiments.bench_engine`` on the tiny checkpoint: every
+    backend (tuned and default-config Triton, PyTorch, Hugging Face generate) on tiny workloads,
+    W&B offline. It takes minutes under the interpreter, so the app's tests and plot's share it.
+    CPU only: with --gpu the app picks the GPU's model, and its own run is the check."""
+    from subprocess_env import bench_engine
+
+    run = tmp_path_factory.mktemp("bench") / "run"
+    bench_engine(run, "backends=[triton,triton-default,torch,hf]", "workload=tiny",
+                 "workload.batch_sweep.batch_sizes=[1,3]", "workload.online.rates=[4]", "profile.decode_seqs=[1,2]",
+                 f"config_cache={run.parent / 'cache.json'}")
+    return run

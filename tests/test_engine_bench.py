@@ -4,14 +4,12 @@ per-kernel breakdown, the figures and the W&B run; and its tune-only mode."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from subprocess_env import ROOT, app_env
+from subprocess_env import bench_engine
 
 # With --gpu the app picks the GPU's model and workloads (Llama-3.2-1B, minutes per backend): the
 # GPU measurement is that run itself, with results committed under results/.
@@ -19,25 +17,9 @@ pytestmark = pytest.mark.cpu_only(reason="the tiny-checkpoint run of CI; on the 
 ENGINES = ["engine-triton", "engine-triton-default", "engine-torch"]
 
 
-def bench(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "experiments.bench_engine", f"hydra.run.dir={run_dir}",
-           f"checkpoint_root={run_dir.parent / 'checkpoints'}", *overrides]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=app_env())
-    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("bench") / "run"
-    bench(run, "backends=[triton,triton-default,torch,hf]", "workload=tiny", "workload.batch_sweep.batch_sizes=[1,3]",
-          "workload.online.rates=[4]", "profile.decode_seqs=[1,2]", f"config_cache={run.parent / 'cache.json'}")
-    return run
-
-
-def test_every_backend_on_every_workload(run_dir: Path):
-    df = pd.read_csv(run_dir / "results.csv")
-    assert not (run_dir / "results_partial.csv").exists()  # only a run cut off leaves it
+def test_every_backend_on_every_workload(bench_engine_run: Path):
+    df = pd.read_csv(bench_engine_run / "results.csv")
+    assert not (bench_engine_run / "results_partial.csv").exists()  # only a run cut off leaves it
     assert {"date", "device", "torch", "triton", "transformers", "ceiling_gbps"} <= set(df.columns)
     assert df["tokens_per_s"].to_numpy() == pytest.approx((df["output_tokens"] / df["wall_s"]).to_numpy())
     sweep = df[df["workload"] == "batch_sweep"]
@@ -61,20 +43,20 @@ def test_every_backend_on_every_workload(run_dir: Path):
     assert not df.loc[df["impl"].isin(ENGINES), "cuda_graphs"].any()  # no CUDA here
 
 
-def test_targets_breakdown_figures_and_wandb(run_dir: Path):
-    goals = pd.read_csv(run_dir / "targets.csv")
+def test_targets_breakdown_figures_and_wandb(bench_engine_run: Path):
+    goals = pd.read_csv(bench_engine_run / "targets.csv")
     assert len(goals) == 4 and np.isfinite(goals["measured"]).all()
     step1 = goals[goals["target"].str.startswith("batch-1")].iloc[0]
     assert step1["measured"] == pytest.approx(step1["step_ms"] / step1["floor_ms"])
     for stem, backend in (("kernel_breakdown", "triton/tuned"), ("kernel_breakdown_triton-default", "triton/default")):
-        kb = pd.read_csv(run_dir / f"{stem}.csv")
+        kb = pd.read_csv(bench_engine_run / f"{stem}.csv")
         assert set(kb["phase"]) == {"prefill", "decode"} and (kb["backend"] == backend).all()
         assert set(kb.loc[kb["phase"] == "decode", "seqs"]) == {1, 2}  # one decode step per profiled batch size
         assert {"qkv_proj", "attention", "lm_head", "kernels", "step (eager)"} <= set(kb["operator"])
     for fig in ("engine_throughput.png", "engine_latency.png", "engine_offline.png", "kernel_breakdown.png",
                 "kernel_breakdown_triton-default.png"):
-        assert (run_dir / fig).stat().st_size > 10_000, fig
-    [wandb_run] = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert (bench_engine_run / fig).stat().st_size > 10_000, fig
+    [wandb_run] = sorted((bench_engine_run / "wandb").glob("offline-run-*/run-*.wandb"))
     media = wandb_run.parent / "files" / "media"
 
     def logged(folder: Path) -> set[str]:  # W&B names a file <key>_<step>_<hash>.<ext>
@@ -88,7 +70,7 @@ def test_targets_breakdown_figures_and_wandb(run_dir: Path):
 def test_tune_only_fills_the_cache(tmp_path: Path):
     cache = tmp_path / "cache.json"
     # The activation: inside the down projection at decode (silu_gemv), silu_mul in the prefill.
-    bench(tmp_path / "run", "tune.n_trials=1", "tune.only=true", "tune.families=[silu_mul,silu_gemv]",
+    bench_engine(tmp_path / "run", "tune.n_trials=1", "tune.only=true", "tune.families=[silu_mul,silu_gemv]",
           "tune.decode_sizes=[1]", f"tune.storage={tmp_path / 'optuna.db'}", f"config_cache={cache}",
           "logger.mode=disabled")
     tuned = pd.read_csv(tmp_path / "run" / "tuned_configs.csv")

@@ -207,27 +207,21 @@ def test_autotune_app_writes_table_figures_cache_and_wandb(tuned: Path) -> None:
     assert b"trial/best_ms" in record and b"autotune-cache" in record
 
 
-@pytest.fixture(scope="module")
-def engine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One bench_engine run (tiny checkpoint, every backend, W&B offline)."""
-    run_dir = tmp_path_factory.mktemp("bench_engine")
-    ok(run_app("bench_engine", run_dir, f"checkpoint_root={run_dir / 'checkpoints'}"))
-    return run_dir
+@pytest.mark.cpu_only(reason="the CPU's defaults")
+def test_bench_engine_defaults_on_the_cpu() -> None:
+    """The app's composed default config on a CPU-only machine: the tiny checkpoint, its workloads
+    and the backends the app runs. (The app's own run, over every backend, is
+    tests/test_engine_bench.py's.)"""
+    from hydra import compose, initialize_config_dir
 
+    from experiments.context import pick  # registers the by_device resolver
 
-def test_bench_engine_app_runs_every_backend(engine_run: Path) -> None:
-    df = pd.read_csv(engine_run / "results.csv")
-    sweep = df[df["workload"] == "batch_sweep"]
-    assert set(sweep["impl"]) == {"engine-triton", "engine-torch", "hf"}
-    for _, g in sweep.groupby("impl"):
-        assert list(g["batch"]) == [1, 2, 4]
-    assert (sweep["output_tokens"] == sweep["batch"] * 4).all()
-    assert (df["wall_s"] > 0).all() and (sweep["ttft_ms"] > 0).all()
-    assert df["tokens_per_s"].to_numpy() == pytest.approx((df["output_tokens"] / df["wall_s"]).to_numpy())
-    assert set(df.loc[df["workload"] == "offline", "impl"]) == {"engine-triton", "engine-torch", "hf"}
-    assert {"device", "torch", "triton", "transformers", "date"} <= set(df.columns)
-    assert (engine_run / "engine_throughput.png").is_file()
-    assert len(wandb_offline_runs(engine_run)) == 1
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="bench_engine")
+    assert list(cfg.backends) == ["triton", "torch", "hf"] and cfg.dtype == "float32"
+    assert pick(cfg.model, "cpu").name == "tiny"
+    assert list(pick(cfg.workload, "cpu").batch_sweep.batch_sizes) == [1, 2, 4]
+    assert cfg.logger.mode == "offline"
 
 
 def test_bench_kernels_app_uses_the_tuned_cache(tuned: Path, tmp_path: Path) -> None:
@@ -245,8 +239,9 @@ def test_bench_kernels_app_uses_the_tuned_cache(tuned: Path, tmp_path: Path) -> 
     assert len(wandb_offline_runs(tmp_path)) == 1 and "wandb sync" in done.stdout
 
 
+@pytest.mark.cpu_only(reason="collates the CPU run of bench_engine (bench_engine_run)")
 def test_multirun_over_samplers_without_wandb_then_plot_collates(tmp_path: Path, no_wandb: dict,
-                                                                   engine_run: Path) -> None:
+                                                                   bench_engine_run: Path) -> None:
     sweep = tmp_path / "results" / "runs" / "autotune" / "multirun_1"
     ok(run_app("autotune", sweep, "sampler=tpe,random", "shapes=tiny", "shapes.limit=1", "n_trials=2",
                "logger.mode=disabled", f"cache_path={tmp_path / 'cache.json'}", env=no_wandb, multirun=True))
@@ -259,7 +254,7 @@ def test_multirun_over_samplers_without_wandb_then_plot_collates(tmp_path: Path,
     assert (tmp_path / "plot_newest" / "convergence.png").is_file()
     # Runs given: folders and CSV files, kernel and engine tables together.
     plot_dir = tmp_path / "plot"
-    done = ok(run_app("plot", plot_dir, f"runs=[{sweep},{engine_run / 'results.csv'}]", env=no_wandb))
+    done = ok(run_app("plot", plot_dir, f"runs=[{sweep},{bench_engine_run / 'results.csv'}]", env=no_wandb))
     df = pd.read_csv(plot_dir / "results.csv")
     assert df["run"].nunique() == 3 and (df["workload"] == "batch_sweep").any()
     for fig in ("convergence.png", "throughput.png", "roofline.png", "engine_throughput.png"):
