@@ -28,7 +28,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import filelock
 
@@ -134,13 +134,15 @@ def select(
     nearest: bool = True,
     device_key: str | None = None,
     max_distance: float | None = None,
+    accept: Callable[[Entry], bool] | None = None,
 ) -> Entry | None:
     """The entry for ``shape`` among ``entries`` (see the module docstring for the order), with
     ``"match"`` ("exact" or "nearest") and ``"distance"`` added; None when nothing matches.
-    ``max_distance``: the farthest a nearest shape may be (None: any distance)."""
+    ``max_distance``: the farthest a nearest shape may be (None: any distance). ``accept``: entries
+    it rejects (a config that ``shape`` cannot run) are passed over for the next nearest."""
     device_key = device_key or device_facts().key
     exact = entries.get(entry_key(family_name, dtype, shape))
-    if exact is not None and exact.get("device_key", device_key) == device_key:
+    if exact is not None and exact.get("device_key", device_key) == device_key and (accept is None or accept(exact)):
         return {**exact, "match": "exact", "distance": 0.0}
     if not nearest:
         return None
@@ -153,7 +155,7 @@ def select(
         d = shape_distance(shape, entry.get("shape", {}))
         if d is None or (max_distance is not None and d[0] > max_distance):
             continue
-        if best is None or (*d, key) < best[0]:
+        if (best is None or (*d, key) < best[0]) and (accept is None or accept(entry)):
             best = ((*d, key), entry)
     if best is None:
         return None

@@ -2,9 +2,10 @@
 
 ``autotune.tuned("gemm")(a, b)`` computes ``kernels.gemm.matmul(a, b, config=...)``. The first
 call of each (dtype, bucketed shape) looks the config up (exact, then nearest cached shape, see
-:mod:`autotune.cache`) and checks it against the shape's constraints; a missing or no longer valid
-config falls back to the family default (``config=None``), and so does a nearest shape farther
-than ``max_distance`` (default :data:`NEAREST_MAX_DISTANCE`) in the cache's log distance.
+:mod:`autotune.cache`) whose config passes the shape's constraints (an entry whose config does not
+is passed over for the next nearest); no such entry falls back to the family default
+(``config=None``), and so does a nearest shape farther than ``max_distance`` (default
+:data:`NEAREST_MAX_DISTANCE`) in the cache's log distance.
 
 Why a limit: a config is tuned for its shape's tile counts. The engine's GEMMs run at many M (the
 tokens of a step), and the 128x128 tile tuned at M = 2048 (192 tiles of 128x256 there: 1.45 waves
@@ -84,16 +85,22 @@ class TunedDispatch:
             if self._entries is None:
                 self._entries = cache.read(self.cache_path)
             dtype = key[0]
+
+            def runs(entry: dict[str, Any]) -> bool:
+                try:
+                    self.family.check_config(shape, dtype, entry["config"])
+                    return True
+                except (ValueError, TypeError):
+                    return False
+
             # A neighbour too far for its tile choices to carry over is no match: the default adapts.
+            # One whose config this shape cannot run (another variant set: the rope-fused decode
+            # has no general variant) gives way to the next nearest.
             entry = cache.select(self._entries, self.family.name, dtype, shape, nearest=self.nearest,
-                                 max_distance=self.max_distance)
+                                 max_distance=self.max_distance, accept=runs)
             config, source = None, "default"
             if entry is not None:
-                try:
-                    config = self.family.check_config(shape, dtype, entry["config"])
-                    source = entry["match"]
-                except (ValueError, TypeError):
-                    pass  # a neighbour's config that this shape cannot run: the default it is
+                config, source = self.family.check_config(shape, dtype, entry["config"]), entry["match"]
             self.sources[key] = source
             self._memo[key] = config
             return config

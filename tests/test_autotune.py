@@ -283,6 +283,27 @@ def test_tuned_dispatch_uses_the_cached_config_once_and_falls_back(tmp_path, mon
     assert autotune.tuned("gemm", cache_path=tmp_path / "none.json").config_for(SHAPE, "float16") == (None, "default")
 
 
+def test_tuned_dispatch_passes_over_a_neighbour_whose_config_the_shape_cannot_run(tmp_path):
+    """The nearest entry (M 17) holds a config invalid at M 16 (BLOCK_M 128); the next nearest (M
+    18), a valid one, is used: not the default. An exact entry just as invalid is passed over too;
+    with no neighbours allowed, the default it is."""
+    fam = kernels.get_family("gemm")
+    shape = {**SHAPE, "M": 16, "b_transposed": True}
+    invalid = next(c for c in fam.configs({**shape, "M": 256}, "float32") if c["BLOCK_M"] == 128)
+    with pytest.raises(ValueError):
+        fam.check_config(shape, "float32", invalid)
+    valid = next(c for c in fam.configs(shape, "float32") if c != fam.default_config(shape, "float32"))
+    path = tmp_path / "cache.json"
+    cache.write(path, [_entry("gemm", "float32", {**shape, "M": 17}, invalid),
+                       _entry("gemm", "float32", {**shape, "M": 18}, valid)])
+    assert autotune.tuned("gemm", cache_path=path).config_for(shape, "float32") == (valid, "nearest")
+    cache.write(path, [_entry("gemm", "float32", shape, invalid)])  # an exact entry, just as invalid
+    assert len(cache.read(path)) == 3
+    assert autotune.TunedDispatch("gemm", cache_path=path).config_for(shape, "float32") == (valid, "nearest")
+    assert autotune.TunedDispatch("gemm", cache_path=path, nearest=False).config_for(shape, "float32") == (
+        None, "default")
+
+
 def test_family_references_resolve_back_to_the_family():
     gemm = kernels.get_family("gemm")
     assert families.reference("gemm") == families.reference(gemm) == "gemm"
