@@ -103,6 +103,24 @@ def _checked(fn: Callable[[], torch.Tensor], inputs: dict, ref: torch.Tensor, to
     return err, "ok" if err <= tol else f"wrong: rel error {err:.3g} > {tol:.1g}"
 
 
+def checked_ms(fn: Callable[[], torch.Tensor], timed: Callable[[], object], inputs: dict, ref: torch.Tensor,
+               tol: float, device: str) -> tuple[float, float, str]:
+    """(ms, rel error, state): ``fn()`` checked on a NaN-poisoned output, then, if right, ``timed()``
+    timed (NaN ms otherwise)."""
+    err, state = _checked(fn, inputs, ref, tol)
+    return (time_ms(timed, device).ms if state == "ok" else math.nan), err, state
+
+
+def baselines_ms(fam: Family, inputs: dict, ref: torch.Tensor, tol: float, baselines: dict[str, str | None],
+                 device: str) -> dict[str, tuple[float, float, str]]:
+    """(ms, rel error, state) of each baseline (name: its SDPA backend, None for PyTorch's choice)."""
+    out = {}
+    for name, backend in baselines.items():
+        with _backend(backend):
+            out[name] = checked_ms(lambda: fam.baseline(inputs), lambda: fam.baseline(inputs), inputs, ref, tol, device)
+    return out
+
+
 def run_point(fam: Family, kind: str, shape: dict, dtype: str, cfgs: list[dict], failed: dict[int, str],
               meta: dict, baselines: dict[str, str | None], device: torch.device, deadline: float) -> list[dict]:
     """The rows of one point: each baseline, the default config and the best candidate."""
@@ -118,12 +136,7 @@ def run_point(fam: Family, kind: str, shape: dict, dtype: str, cfgs: list[dict],
                 "ms": ms, "TFLOPs": flops / ms / 1e9, "TBps": nbytes / ms / 1e9, "roofline_frac": roof_ms / ms,
                 "rel_error": err, "state": state, "tried": tried, "failed": bad}
 
-    rows = []
-    for name, backend in baselines.items():
-        with _backend(backend):
-            err, state = _checked(lambda: fam.baseline(inputs), inputs, ref, tol)
-            ms = time_ms(lambda: fam.baseline(inputs), device.type).ms if state == "ok" else math.nan
-        rows.append(row(name, None, ms, err, state))
+    rows = [row(name, None, *got) for name, got in baselines_ms(fam, inputs, ref, tol, baselines, device.type).items()]
 
     timed: list[tuple[float, float, dict]] = []
     bad = 0
@@ -134,12 +147,13 @@ def run_point(fam: Family, kind: str, shape: dict, dtype: str, cfgs: list[dict],
             bad += 1
             print(f"  compile failed {json.dumps(cfg)}: {failed[i]}")
             continue
-        err, state = _checked(lambda: fam.run(inputs, cfg), inputs, ref, tol)
+        ms, err, state = checked_ms(lambda: fam.run(inputs, cfg), fam.timed_call(inputs, cfg), inputs, ref, tol,
+                                    device.type)
         if state != "ok":
             bad += 1
             print(f"  {state} {json.dumps(cfg)}")
             continue
-        timed.append((time_ms(fam.timed_call(inputs, cfg), device.type).ms, err, cfg))
+        timed.append((ms, err, cfg))
     default = next(((ms, err) for ms, err, c in timed if c == cfgs[0]), None)
     rows.append(row("default", cfgs[0], *(default if default else (math.nan, math.nan)),
                     "ok" if default else "default config failed"))

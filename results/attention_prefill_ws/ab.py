@@ -16,23 +16,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
-import datetime as dt
 import json
-import math
 import multiprocessing as mp
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 import torch
-import triton
 
 import kernels
-from experiments.attention_suite import PREFILL, PREFILL_BASELINES, _backend, _checked, compile_shape
-from experiments.measure import time_ms
+from experiments.attention_suite import PREFILL, PREFILL_BASELINES, baselines_ms, checked_ms, compile_shape
 from experiments.suite import compile_one
 from kernels import attention_prefill, generator
-from kernels.device import default_device, device_facts
+from kernels.device import default_device
+from results.attention_prefill_ws.bench import run_facts, write
 
 DTYPE = "bfloat16"
 BASE = {"variant": "wsp_pp", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 0}
@@ -80,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = {name: Path(path).read_text() for name, path in (t.split("=", 1) for t in args.templates.split(","))}
     configs = [{**BASE, **c} for c in json.loads(args.configs)]
     points = [PREFILL[int(i)] for i in args.points.split(",")]
-    meta = {"device": device_facts(device).name, "torch": torch.__version__, "triton": triton.__version__,
-            "date": dt.date.today().isoformat()}
+    meta = run_facts(device)
 
     jobs = [(text, (fam.name, compile_shape(fam, shape), DTYPE, cfg))
             for shape in points for cfg in configs for text in texts.values()]
@@ -95,28 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         inputs = fam.make_inputs(shape, DTYPE, device, seed=1)
         ref = fam.reference(inputs)
         tol = fam.tolerance(DTYPE, device)
-        base = {}
-        for name, backend in PREFILL_BASELINES.items():
-            with _backend(backend):
-                err, state = _checked(lambda: fam.baseline(inputs), inputs, ref, tol)
-                base[name] = time_ms(lambda: fam.baseline(inputs), "cuda").ms if state == "ok" else math.nan
+        base = {name: got[0] for name, got in baselines_ms(fam, inputs, ref, tol, PREFILL_BASELINES, "cuda").items()}
         for rnd in range(args.rounds):
             for cfg in configs:
                 for name, text in texts.items():
                     with ws_template(text):
-                        err, state = _checked(lambda: fam.run(inputs, cfg), inputs, ref, tol)
-                        ms = time_ms(fam.timed_call(inputs, cfg), "cuda").ms if state == "ok" else math.nan
+                        ms, err, state = checked_ms(lambda: fam.run(inputs, cfg), fam.timed_call(inputs, cfg), inputs,
+                                                    ref, tol, "cuda")
                     rows.append({**meta, **shape, "round": rnd, "revision": name, "config": json.dumps(cfg),
                                  "ms": ms, "rel_error": err, "state": state, "TFLOPs": fam.flops(shape) / ms / 1e9,
                                  **{f"{b}_ms": t for b, t in base.items()}})
         torch.cuda.empty_cache()
 
-    df = pd.DataFrame(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "ab.csv", index=False)
-    for r in df[df["state"] != "ok"].itertuples():
-        print(f"B{r.batch} L{r.seqlen} D{r.head_dim} causal={r.causal} {r.revision} {r.config}: {r.state}")
+    df = write(rows, args.out, "ab.csv", "revision")
     keys = ["batch", "seqlen", "head_dim", "causal", "config"]
     med = df.groupby(keys + ["revision"], sort=False).agg(
         ms=("ms", "median"), TFLOPs=("TFLOPs", "median"),

@@ -24,12 +24,29 @@ import triton
 
 import kernels
 from autotune import cache
-from experiments.attention_suite import PREFILL, PREFILL_BASELINES, _backend, _checked, compile_shape
-from experiments.measure import measure_ceilings, time_ms
+from experiments.attention_suite import PREFILL, PREFILL_BASELINES, baselines_ms, checked_ms, compile_shape
+from experiments.measure import measure_ceilings
 from experiments.suite import precompile
 from kernels.device import default_device, device_facts
 
 DTYPE = "bfloat16"
+
+
+def run_facts(device: torch.device) -> dict:
+    """The columns every row carries: device, versions, date."""
+    return {"device": device_facts(device).name, "torch": torch.__version__, "triton": triton.__version__,
+            "date": dt.date.today().isoformat()}
+
+
+def write(rows: list[dict], out: str, file: str, label: str) -> pd.DataFrame:
+    """``rows`` as OUT/``file`` (the folder made if absent); prints the rows that failed, by ``label``."""
+    df = pd.DataFrame(rows)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    df.to_csv(folder / file, index=False)
+    for r in df[df["state"] != "ok"].to_dict("records"):
+        print(f"B{r['batch']} L{r['seqlen']} D{r['head_dim']} causal={r['causal']} {r[label]} {r['config']}: {r['state']}")
+    return df
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fam = kernels.get_family("attention_prefill")
     device = default_device()
-    facts = device_facts(device)
     variants = set(args.variants.split(","))
-    meta = {"device": facts.name, "torch": torch.__version__, "triton": triton.__version__,
-            "date": dt.date.today().isoformat()}
+    meta = run_facts(device)
 
     plan = []
     for i in map(int, args.points.split(",")):
@@ -69,20 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         inputs = fam.make_inputs(shape, DTYPE, device, seed=1)
         ref = fam.reference(inputs)
         tol = fam.tolerance(DTYPE, device)
-        timed = []  # (kind, config, ms, rel error, state) of the point
-        for name, backend in PREFILL_BASELINES.items():
-            with _backend(backend):
-                err, state = _checked(lambda: fam.baseline(inputs), inputs, ref, tol)
-                ms = time_ms(lambda: fam.baseline(inputs), "cuda").ms if state == "ok" else math.nan
-            timed.append((name, "", ms, err, state))
+        # (kind, config, ms, rel error, state) of the point
+        timed = [(name, "", *got) for name, got in baselines_ms(fam, inputs, ref, tol, PREFILL_BASELINES,
+                                                                  "cuda").items()]
         for kind, cfg in cands:
             failed = next(errors)
             if failed is not None:
                 timed.append((kind, json.dumps(cfg), math.nan, math.nan, f"compile failed: {failed}"))
                 continue
-            err, state = _checked(lambda: fam.run(inputs, cfg), inputs, ref, tol)
-            ms = time_ms(fam.timed_call(inputs, cfg), "cuda").ms if state == "ok" else math.nan
-            timed.append((kind, json.dumps(cfg), ms, err, state))
+            timed.append((kind, json.dumps(cfg),
+                          *checked_ms(lambda: fam.run(inputs, cfg), fam.timed_call(inputs, cfg), inputs, ref, tol,
+                                      "cuda")))
         base = {kind: ms for kind, _, ms, _, _ in timed if kind in PREFILL_BASELINES}
         for kind, config, ms, err, state in timed:
             rows.append({**meta, **shape, "kind": kind, "config": config, "ms": ms, "rel_error": err, "state": state,
@@ -90,12 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                          **{f"speedup_vs_{name}": b / ms for name, b in base.items()}})
         torch.cuda.empty_cache()
 
-    df = pd.DataFrame(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "ws_configs.csv", index=False)
-    for r in df[df["state"] != "ok"].itertuples():
-        print(f"B{r.batch} L{r.seqlen} D{r.head_dim} causal={r.causal} {r.kind} {r.config}: {r.state}")
+    df = write(rows, args.out, "ws_configs.csv", "kind")
     ok = df[df["state"] == "ok"]
     best = ok.loc[ok.groupby(["batch", "seqlen", "head_dim", "causal", "kind"])["ms"].idxmin()]
     cols = ["batch", "seqlen", "head_dim", "causal", "kind", "ms", "TFLOPs", "speedup_vs_sdpa_flash",
