@@ -29,10 +29,9 @@ from typing import Any, Callable
 
 import torch
 
-from kernels import attention
+from kernels import attention, generator
 from kernels.device import device_facts, interpreting
 from kernels.family import Config, Family, Shape, config_steps, next_pow2, positive_dims, torch_dtype
-from kernels.generator import template_text
 
 _KEYS = ("batch", "seqlen", "heads_q", "heads_kv", "head_dim", "causal")
 # A thread holds the float32 accumulator [BLOCK_M, D] and score tile [BLOCK_M, BLOCK_N]; beyond
@@ -107,7 +106,7 @@ class PrefillFamily(Family):
     @functools.cached_property
     def template(self) -> str:
         """Both templates' text: the template hash covers the Gluon one too."""
-        return template_text(self.template_file) + template_text(self.ws_template_file)
+        return generator.template_text(self.template_file) + generator.template_text(self.ws_template_file)
 
     def template_file_for(self, facts: dict[str, Any]) -> str:
         """The Gluon template for the ws variants, the Triton one for the others."""

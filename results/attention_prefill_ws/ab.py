@@ -15,51 +15,27 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
 import json
 import multiprocessing as mp
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import torch
 
 import kernels
 from experiments.attention_suite import PREFILL, PREFILL_BASELINES, baselines_ms, checked_ms, compile_shape
-from experiments.suite import compile_one
-from kernels import attention_prefill, generator
+from experiments.template_ab import compile_with, template_override
+from kernels.attention_prefill import PrefillFamily
 from kernels.device import default_device
 from results.attention_prefill_ws.bench import run_facts, write
 
 DTYPE = "bfloat16"
+WS_FILE = PrefillFamily.ws_template_file
 BASE = {"variant": "wsp_pp", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 0}
 
 
-@contextlib.contextmanager
-def ws_template(text: str) -> Iterator[None]:
-    """Within the block, the family renders its ws variants from ``text``."""
-    fam = kernels.get_family("attention_prefill")
-    saved = generator.template_text
-
-    def patched(file: str) -> str:
-        return text if file == fam.ws_template_file else saved(file)
-
-    def forget() -> None:  # the family's template hash and its memo of loaded modules
-        fam.__dict__.pop("template", None)
-        fam._resolved.clear()
-
-    generator.template_text = attention_prefill.template_text = patched
-    forget()
-    try:
-        yield
-    finally:
-        generator.template_text = attention_prefill.template_text = saved
-        forget()
-
-
 def _compile(text: str, job: tuple) -> str | None:
-    with ws_template(text):
-        return compile_one(job)
+    return compile_with("attention_prefill", WS_FILE, text, job)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for cfg in configs:
                 for name, text in texts.items():
-                    with ws_template(text):
+                    with template_override(fam.name, WS_FILE, text):
                         ms, err, state = checked_ms(lambda: fam.run(inputs, cfg), fam.timed_call(inputs, cfg), inputs,
                                                     ref, tol, "cuda")
                     rows.append({**meta, **shape, "round": rnd, "revision": name, "config": json.dumps(cfg),
