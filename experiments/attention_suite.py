@@ -16,7 +16,8 @@ Points:
   read + written) as the memory roofline.
 
 For each point: the float64 reference once, then every candidate (the family's default config and
-up to ``--cap`` configs of ``configs()`` nearest to it, compiled ahead in a pool of processes) runs
+up to ``--cap`` configs of ``configs()`` nearest to it or, on a GPU, to the device cache's config for
+the point, compiled ahead in a pool of processes) runs
 on a NaN-poisoned output and must match the reference before it is timed (cold-L2 launches
 replayed in a CUDA graph, as the autotuner times; median). Writes one CSV (a row per point and kind: default, best, each baseline) with ms, TFLOP/s,
 TB/s, fraction of the roofline max(flops / matmul peak, bytes / copy bandwidth) -- both measured in
@@ -67,11 +68,23 @@ PREFILL_BASELINES = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTEN
 DECODE_BASELINES = {"sdpa": None, "sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
 
 
-def candidates(fam: Family, shape: dict, dtype: str, cap: int) -> list[dict]:
-    """The default config, then the ``cap`` valid configs nearest to it (ties in enumeration order)."""
+def candidates(fam: Family, shape: dict, dtype: str, cap: int, known: dict | None = None) -> list[dict]:
+    """The default config, then the ``cap`` valid configs nearest to it or to ``known`` (a config
+    tuned for this shape before, when it is valid here; it comes first), ties in enumeration order.
+    The nearest-to-default neighbourhood alone can miss the region where the winner lies: at decode
+    B32 L1024 the default splits the context, and no unsplit 128-key tile was within 150 steps."""
     default = fam.default_config(shape, dtype)
-    rest = sorted((c for c in fam.configs(shape, dtype) if c != default), key=lambda c: sum(config_steps(c, default)))
+    valid = fam.configs(shape, dtype)
+    centres = [default] + ([known] if known in valid else [])
+    rest = sorted((c for c in valid if c != default),
+                  key=lambda c: min(sum(config_steps(c, centre)) for centre in centres))
     return [default] + rest[:cap]
+
+
+def known_config(fam: Family, shape: dict, dtype: str) -> dict | None:
+    """The config of the device cache's entry for exactly this shape (None without one)."""
+    hit = cache.lookup(fam, shape, dtype, nearest=False)
+    return None if hit is None else hit["config"]
 
 
 def compile_shape(fam: Family, shape: dict) -> dict:
@@ -233,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     points = [("prefill", prefill, s, PREFILL_BASELINES) for s in (QUICK_PREFILL if args.quick else PREFILL)]
     points += [("decode", paged, s, DECODE_BASELINES) for s in (QUICK_DECODE if args.quick else DECODE)]
     points = [p for p in points if p[0] in suites]
-    plan = [(kind, fam, s, base, candidates(fam, s, dtype, cap)) for kind, fam, s, base in points]
+    seeded = device.type == "cuda" and not args.quick
+    plan = [(kind, fam, s, base, candidates(fam, s, dtype, cap, known_config(fam, s, dtype) if seeded else None))
+            for kind, fam, s, base in points]
     jobs = [(fam.name, compile_shape(fam, s), dtype, c) for _, fam, s, _, cfgs in plan for c in cfgs]
     workers = args.workers if device.type == "cuda" else 1
     print(f"{len(jobs)} candidates over {len(plan)} points; compiling with {workers} workers", flush=True)

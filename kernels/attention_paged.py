@@ -78,7 +78,7 @@ def _rows(config: Config) -> int:
 class PagedFamily(Family):
     name = "attention_paged"
     template_file = "attention_paged.py.j2"
-    template_version = 4
+    template_version = 3
 
     # --- search space ---------------------------------------------------------------------------
     def space(self, shape: Shape, dtype: str) -> dict[str, list]:

@@ -509,3 +509,21 @@ def test_attention_suite_quick_writes_its_table(tmp_path) -> None:
     for entry in attention_suite.cache_entries(df, dtype):  # what a GPU run merges into the cache
         fam = kernels.get_family(entry["family"])
         assert fam.check_config(entry["shape"], dtype, entry["config"]) == entry["config"]
+
+
+def test_attention_suite_candidates_take_the_cached_config_and_its_neighbours() -> None:
+    from experiments.attention_suite import DECODE, candidates
+    from kernels.device import KNOWN_DEVICES, assume_device
+    from kernels.family import config_steps
+
+    shape = DECODE[1]  # B32 L1024: the default splits the context; the tuned config does not
+    known = {"variant": "general", "TILE": 128, "SPLIT": 1, "HEADS": 4, "BLOCK_Q": 1, "num_warps": 4, "num_stages": 3}
+    with assume_device(KNOWN_DEVICES["h200"]):
+        default = PAGED.default_config(shape, "bfloat16")
+        plain = candidates(PAGED, shape, "bfloat16", 20)
+        seeded = candidates(PAGED, shape, "bfloat16", 20, known)
+        invalid = candidates(PAGED, shape, "bfloat16", 20, {**known, "HEADS": 3})
+    assert plain[0] == seeded[0] == default and len(seeded) == 21 and known not in plain
+    assert seeded[1] == known and {**known, "num_stages": 2} in seeded  # one step from the cached config
+    assert invalid == plain  # a cached config the shape cannot run seeds nothing
+    assert all(min(sum(config_steps(c, default)), sum(config_steps(c, known))) <= 3 for c in seeded)
