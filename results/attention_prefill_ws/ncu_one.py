@@ -19,7 +19,8 @@ import torch
 import kernels
 from experiments.attention_suite import PREFILL, _backend
 from kernels.device import default_device
-from results.attention_prefill_ws.ab import BASE, ws_template
+from experiments.template_ab import template_override
+from results.attention_prefill_ws.ab import BASE, WS_FILE
 
 DTYPE = "bfloat16"
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = PREFILL[args.point]
     cfg = {**BASE, **json.loads(args.config)}
     inputs = fam.make_inputs(shape, DTYPE, default_device(), seed=1)
-    with ws_template(Path(args.template).read_text()) if args.template else contextlib.nullcontext():
+    revision = Path(args.template).read_text() if args.template else None
+    with template_override(fam.name, WS_FILE, revision) if revision else contextlib.nullcontext():
         for _ in range(3):  # compile, warm up
             fam.run(inputs, cfg)
             with _backend("CUDNN_ATTENTION"):
