@@ -31,36 +31,21 @@ def _replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> np.ndarray:
     return np.array([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
-def gpu_time(fn: Callable[[], Any], *, inner: int = 10, reps: int = 30, flush_by: str = "write") -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile) ms of one cold-L2 launch of ``fn`` (see module docstring).
-
-    ``flush_by`` "write" zeroes the flush buffer, as ``triton.testing.do_bench`` does: L2 then
-    holds dirty lines, which ``fn``'s misses write back to DRAM. "read" sums it instead, leaving
-    clean lines; the difference between the two is what the write-backs cost ``fn``.
-    """
-    if flush_by not in ("write", "read"):
-        raise ValueError(f"flush_by is 'write' or 'read', got {flush_by!r}")
-    buffer = torch.empty(int(torch.cuda.get_device_properties(0).L2_cache_size * 4) or 256 << 20,
-                         dtype=torch.int8, device="cuda")
-    total_out = torch.empty((), dtype=torch.int64, device="cuda")
-
-    def flush() -> None:
-        if flush_by == "write":
-            buffer.zero_()
-        else:
-            torch.sum(buffer, dtype=torch.int64, out=total_out)
-
+def gpu_time(fn: Callable[[], Any], *, inner: int = 10, reps: int = 30) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) ms of one cold-L2 launch of ``fn`` (see module docstring)."""
+    flush = torch.empty(int(torch.cuda.get_device_properties(0).L2_cache_size * 4) or 256 << 20,
+                        dtype=torch.int8, device="cuda")
     fn()  # compile and warm up outside the capture
     torch.cuda.synchronize()
     work, flushes = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(work):
             for _ in range(inner):
-                flush()
+                flush.zero_()
                 fn()
         with torch.cuda.graph(flushes):
             for _ in range(inner):
-                flush()
+                flush.zero_()
         torch.cuda.synchronize()
     except Exception:  # not capturable: time from the host instead
         torch.cuda.synchronize()
