@@ -72,7 +72,8 @@ def candidates(fam: Family, shape: dict, dtype: str, cap: int, known: dict | Non
     """The default config, then the ``cap`` valid configs nearest to it or to ``known`` (a config
     tuned for this shape before, when it is valid here; it comes first), ties in enumeration order.
     The nearest-to-default neighbourhood alone can miss the region where the winner lies: at decode
-    B32 L1024 the default splits the context, and no unsplit 128-key tile was within 150 steps."""
+    B32 L1024 the default splits the context, and the winner (no split, 128-key tiles, 2 stages)
+    was not among the 150 configs nearest to it."""
     default = fam.default_config(shape, dtype)
     valid = fam.configs(shape, dtype)
     centres = [default] + ([known] if known in valid else [])
