@@ -8,6 +8,8 @@ rendered. Per point (``attention_suite.DECODE``): the float64 reference and SDPA
 then, for ``--rounds`` rounds, every config valid at the point under every revision in turn, each
 checked on a NaN-poisoned output before it is timed (cold-L2 CUDA-graph replays, median).
 Interleaving the revisions within a round keeps a drift of the card's speed out of their ratios.
+``--no-pdl-too`` also runs each revision without programmatic dependent launch (``WORKBENCH_PDL=0``),
+as NAME-nopdl.
 Writes ``ab.csv`` (device, versions, date in every row) and prints the median per point, config
 and revision with its ratio to the first revision and to SDPA.
 """
@@ -15,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import multiprocessing as mp
+import os
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import torch
@@ -38,8 +43,24 @@ CONFIGS = [{}, {"num_stages": 4}, {"num_warps": 2}, {"TILE": 128}, {"TILE": 128,
            {"variant": "decode_split", "TILE": 32, "SPLIT": 64, "num_stages": 2}]
 
 
-def _compile(text: str, job: tuple) -> str | None:
-    return compile_with(FAMILY, FILE, text, job)
+@contextlib.contextmanager
+def _pdl(on: bool) -> Iterator[None]:
+    """Within the block, modules render with programmatic dependent launch on (where the GPU has
+    it) or off; the caller re-resolves them (``template_override`` forgets the loaded ones)."""
+    saved = os.environ.get("WORKBENCH_PDL")
+    os.environ["WORKBENCH_PDL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("WORKBENCH_PDL")
+        else:
+            os.environ["WORKBENCH_PDL"] = saved
+
+
+def _compile(text: str, pdl: bool, job: tuple) -> str | None:
+    with _pdl(pdl):
+        return compile_with(FAMILY, FILE, text, job)
 
 
 def _valid(shape: Shape, dtype: str, cfg: Config) -> bool:
@@ -60,10 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16", help="float16 on the CPU: the interpreter's bfloat16 dot is wrong")
     parser.add_argument("--workers", type=int, default=14)
+    parser.add_argument("--no-pdl-too", action="store_true", help="each revision also without PDL, as NAME-nopdl")
     args = parser.parse_args(argv)
     fam = kernels.get_family(FAMILY)
     device = default_device()
     texts = {name: Path(path).read_text() for name, path in (t.split("=", 1) for t in args.templates.split(","))}
+    revisions = {name: (text, True) for name, text in texts.items()}
+    if args.no_pdl_too:
+        revisions.update({f"{name}-nopdl": (text, False) for name, text in texts.items()})
     overrides = [{**BASE, **c} for c in json.loads(args.configs)]
     points = QUICK_DECODE if args.quick else [DECODE[int(i)] for i in args.points.split(",")]
     # HEADS: the whole GQA group in one program (the quick point's group is smaller).
@@ -71,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                      if _valid(shape, args.dtype, c)]) for shape in points]
     meta = run_facts(device)
 
-    jobs = [(text, (fam.name, compile_shape(fam, shape), args.dtype, cfg))
-            for shape, cfgs in plan for cfg in cfgs for text in texts.values()]
+    jobs = [(text, pdl, (fam.name, compile_shape(fam, shape), args.dtype, cfg))
+            for shape, cfgs in plan for cfg in cfgs for text, pdl in revisions.values()]
     with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
-        for (_, job), err in zip(jobs, pool.map(_compile, *zip(*jobs))):
+        for (*_, job), err in zip(jobs, pool.map(_compile, *zip(*jobs))):
             if err is not None:
                 print(f"compile failed: {job[1]} {job[3]}: {err}")
 
@@ -86,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         base = {name: got[0] for name, got in baselines_ms(fam, inputs, ref, tol, DECODE_BASELINES, device.type).items()}
         for rnd in range(args.rounds):
             for cfg in cfgs:
-                for name, text in texts.items():
-                    with template_override(FAMILY, FILE, text):
+                for name, (text, pdl) in revisions.items():
+                    with _pdl(pdl), template_override(FAMILY, FILE, text):
                         ms, err, state = checked_ms(lambda: fam.run(inputs, cfg), fam.timed_call(inputs, cfg), inputs,
                                                     ref, tol, device.type)
-                    rows.append({**meta, "dtype": args.dtype, **shape, "round": rnd, "revision": name, "config": json.dumps(cfg), "ms": ms,
-                                 "rel_error": err, "state": state, "TBps": fam.bytes(shape, args.dtype) / ms / 1e9,
-                                 **{f"{b}_ms": t for b, t in base.items()}})
+                    rows.append({**meta, "dtype": args.dtype, **shape, "round": rnd, "revision": name,
+                                 "config": json.dumps(cfg), "ms": ms, "rel_error": err, "state": state,
+                                 "TBps": fam.bytes(shape, args.dtype) / ms / 1e9, **{f"{b}_ms": t for b, t in base.items()}})
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
