@@ -104,7 +104,7 @@ def _backend(name: str | None) -> contextlib.AbstractContextManager:
     return sdpa_kernel(getattr(SDPBackend, name))
 
 
-def checked(fn: Callable[[], torch.Tensor], inputs: dict, ref: torch.Tensor, tol: float) -> tuple[float, str]:
+def _checked(fn: Callable[[], torch.Tensor], inputs: dict, ref: torch.Tensor, tol: float) -> tuple[float, str]:
     """(rel error, state) of ``fn()`` on a NaN-poisoned output."""
     inputs["out"].fill_(float("nan"))
     try:
@@ -121,7 +121,7 @@ def checked_ms(fn: Callable[[], torch.Tensor], timed: Callable[[], object], inpu
                tol: float, device: str) -> tuple[float, float, str]:
     """(ms, rel error, state): ``fn()`` checked on a NaN-poisoned output, then, if right, ``timed()``
     timed (NaN ms otherwise)."""
-    err, state = checked(fn, inputs, ref, tol)
+    err, state = _checked(fn, inputs, ref, tol)
     return (time_ms(timed, device).ms if state == "ok" else math.nan), err, state
 
 
