@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import math
 import os
@@ -44,7 +43,7 @@ import torch
 import kernels
 from autotune import cache
 from experiments.measure import measure_ceilings, time_ms
-from experiments.suite import precompile
+from experiments.suite import precompile, run_meta
 from kernels.device import default_device, device_facts
 from kernels.family import Family, config_steps, rel_error
 from kernels.generator import template_hash
@@ -258,15 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compiled in {time.time() - start:.0f}s, {sum(map(len, failed))} failed", flush=True)
 
     ceilings = measure_ceilings(device.type, dtype)
-    meta: dict[str, Any] = {
-        "device": facts.name,
-        "capability": ".".join(map(str, facts.capability)),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "date": dt.date.today().isoformat(),
-        "copy_GBps": ceilings.gbps,
-        "peak_TFLOPs": ceilings.tflops,
-    }
+    meta: dict[str, Any] = {**run_meta(facts, ceilings.gbps), "peak_TFLOPs": ceilings.tflops}
     deadline = start + args.budget_s
     rows: list[dict] = []
     for (kind, fam, shape, base, cfgs), bad in zip(plan, failed):

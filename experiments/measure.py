@@ -1,4 +1,5 @@
-"""Timing of one callable, and the device's measured ceilings that rooflines are drawn against.
+"""Timing of one callable, the device's measured ceilings that rooflines are drawn against, and one
+profiled launch against a baseline.
 
 On a GPU, cold-L2 launches replayed in a CUDA graph (the autotuner's timing, free of host launch
 overhead): the median and the 20th-80th percentile spread. On the CPU (Triton's interpreter) the wall clock over a
@@ -12,7 +13,7 @@ from typing import Callable
 import torch
 
 from autotune.timing import cpu_time, do_bench_time, gpu_time
-from kernels.family import torch_dtype
+from kernels.family import Config, Family, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -62,3 +63,21 @@ def measure_ceilings(device: str, dtype: str) -> Ceilings:
     else:
         mm_ms, cp_ms = time_ms(lambda: torch.matmul(a, b), device).ms, time_ms(lambda: dst.copy_(src), device).ms
     return Ceilings(tflops=2 * n**3 / mm_ms / 1e9, gbps=2 * copy_bytes / cp_ms / 1e6)
+
+
+def profiled_against(fam: Family, inputs: dict, config: Config, baseline: Callable[[], object], *,
+                     warmup: int = 3) -> float:
+    """One launch of ``config`` and one of ``baseline`` for a profiler started with
+    ``--profile-from-start off`` (Nsight Compute): both run ``warmup`` times first (compile, warm
+    up), then once each between cudaProfilerStart and cudaProfilerStop. Returns the config's max
+    absolute error against the family's float64 reference, checked after the profiled range."""
+    for _ in range(warmup):
+        fam.run(inputs, config)
+        baseline()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    out = fam.run(inputs, config)
+    baseline()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    return (out.double() - fam.reference(inputs)).abs().max().item()

@@ -83,13 +83,17 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() / do_bench_time(lambda: dst.copy_(src))[0] / 1e6
 
 
-def run_meta(facts: DeviceFacts, copy_gbps: float) -> dict:
-    """Provenance columns of every row: device, versions, date, the run's copy bandwidth."""
+def provenance(facts: DeviceFacts) -> dict:
+    """Provenance columns of every row: device, capability, versions, date."""
     return {
         "device": facts.name,
         "capability": ".".join(map(str, facts.capability)),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "date": dt.date.today().isoformat(),
-        "copy_GBps": copy_gbps,
     }
+
+
+def run_meta(facts: DeviceFacts, copy_gbps: float) -> dict:
+    """:func:`provenance` and the run's copy bandwidth."""
+    return {**provenance(facts), "copy_GBps": copy_gbps}

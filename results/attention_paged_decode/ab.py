@@ -30,9 +30,8 @@ import torch
 import kernels
 from experiments.attention_suite import DECODE, DECODE_BASELINES, QUICK_DECODE, baselines_ms, checked_ms, compile_shape
 from experiments.template_ab import compile_with, template_override
-from kernels.device import default_device
-from kernels.family import Config, Shape
-from results.attention_prefill_ws.bench import run_facts
+from experiments.suite import provenance
+from kernels.device import default_device, device_facts
 
 FAMILY = "attention_paged"
 FILE = "attention_paged.py.j2"
@@ -63,14 +62,6 @@ def _compile(text: str, pdl: bool, job: tuple) -> str | None:
         return compile_with(FAMILY, FILE, text, job)
 
 
-def _valid(shape: Shape, dtype: str, cfg: Config) -> bool:
-    try:
-        kernels.get_family(FAMILY).check_config(shape, dtype, cfg)
-    except ValueError:
-        return False
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for ab.csv")
@@ -91,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         revisions.update({f"{name}-nopdl": (text, False) for name, text in texts.items()})
     overrides = [{**BASE, **c} for c in json.loads(args.configs)]
     points = QUICK_DECODE if args.quick else [DECODE[int(i)] for i in args.points.split(",")]
-    # HEADS: the whole GQA group in one program (the quick point's group is smaller).
-    plan = [(shape, [c for c in ({**o, "HEADS": shape["heads_q"] // shape["heads_kv"]} for o in overrides)
-                     if _valid(shape, args.dtype, c)]) for shape in points]
-    meta = run_facts(device)
+    plan = []
+    for shape in points:
+        valid = fam.configs(shape, args.dtype)
+        # HEADS: the whole GQA group in one program (the quick point's group is smaller).
+        group = shape["heads_q"] // shape["heads_kv"]
+        plan.append((shape, [c for c in ({**o, "HEADS": group} for o in overrides) if c in valid]))
+    meta = provenance(device_facts(device))
 
     jobs = [(text, pdl, (fam.name, compile_shape(fam, shape), args.dtype, cfg))
             for shape, cfgs in plan for cfg in cfgs for text, pdl in revisions.values()]

@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 import kernels
-from autotune import cache
-from experiments.attention_suite import DECODE
+from experiments.attention_suite import DECODE, known_config
+from experiments.measure import profiled_against
 from kernels.device import default_device
 
 DTYPE = "bfloat16"
@@ -29,19 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fam = kernels.get_family("attention_paged")
     shape = DECODE[args.point]
-    hit = cache.lookup(fam, shape, DTYPE, nearest=False)
-    cfg = json.loads(args.config) if args.config else (hit["config"] if hit else fam.default_config(shape, DTYPE))
+    cfg = json.loads(args.config) if args.config else (known_config(fam, shape, DTYPE) or fam.default_config(shape, DTYPE))
     inputs = fam.make_inputs(shape, DTYPE, default_device(), seed=1)
-    for _ in range(3):  # compile, warm up, gather SDPA's contiguous cache
-        fam.run(inputs, cfg)
-        fam.baseline(inputs)
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
-    out = fam.run(inputs, cfg)
-    fam.baseline(inputs)
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
-    err = (out.double() - fam.reference(inputs)).abs().max().item()
+    # The baseline's first call gathers SDPA's contiguous cache: a warm-up call, not profiled.
+    err = profiled_against(fam, inputs, cfg, lambda: fam.baseline(inputs))
     print(f"{shape} {cfg}: max abs error {err:.3g}")
     return 0
 

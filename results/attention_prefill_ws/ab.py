@@ -26,8 +26,9 @@ import kernels
 from experiments.attention_suite import PREFILL, PREFILL_BASELINES, baselines_ms, checked_ms, compile_shape
 from experiments.template_ab import compile_with, template_override
 from kernels.attention_prefill import PrefillFamily
-from kernels.device import default_device
-from results.attention_prefill_ws.bench import run_facts, write
+from experiments.suite import provenance
+from kernels.device import default_device, device_facts
+from results.attention_prefill_ws.bench import write
 
 DTYPE = "bfloat16"
 WS_FILE = PrefillFamily.ws_template_file
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = {name: Path(path).read_text() for name, path in (t.split("=", 1) for t in args.templates.split(","))}
     configs = [{**BASE, **c} for c in json.loads(args.configs)]
     points = [PREFILL[int(i)] for i in args.points.split(",")]
-    meta = run_facts(device)
+    meta = provenance(device_facts(device))
 
     jobs = [(text, (fam.name, compile_shape(fam, shape), DTYPE, cfg))
             for shape in points for cfg in configs for text in texts.values()]

@@ -13,29 +13,21 @@ point and candidate, with device, versions and date) and prints each point's bes
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 from pathlib import Path
 
 import pandas as pd
 import torch
-import triton
 
 import kernels
 from autotune import cache
 from experiments.attention_suite import PREFILL, PREFILL_BASELINES, baselines_ms, checked_ms, compile_shape
 from experiments.measure import measure_ceilings
-from experiments.suite import precompile
+from experiments.suite import precompile, provenance
 from kernels.device import default_device, device_facts
 
 DTYPE = "bfloat16"
-
-
-def run_facts(device: torch.device) -> dict:
-    """The columns every row carries: device, versions, date."""
-    return {"device": device_facts(device).name, "torch": torch.__version__, "triton": triton.__version__,
-            "date": dt.date.today().isoformat()}
 
 
 def write(rows: list[dict], out: str, file: str, label: str) -> pd.DataFrame:
@@ -62,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     fam = kernels.get_family("attention_prefill")
     device = default_device()
     variants = set(args.variants.split(","))
-    meta = run_facts(device)
+    meta = provenance(device_facts(device))
 
     plan = []
     for i in map(int, args.points.split(",")):

@@ -14,10 +14,9 @@ import contextlib
 import json
 from pathlib import Path
 
-import torch
-
 import kernels
 from experiments.attention_suite import PREFILL, _backend
+from experiments.measure import profiled_against
 from kernels.device import default_device
 from experiments.template_ab import template_override
 from results.attention_prefill_ws.ab import BASE, WS_FILE
@@ -35,20 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     shape = PREFILL[args.point]
     cfg = {**BASE, **json.loads(args.config)}
     inputs = fam.make_inputs(shape, DTYPE, default_device(), seed=1)
+
+    def cudnn() -> object:
+        with _backend("CUDNN_ATTENTION"):
+            return fam.baseline(inputs)
+
     revision = Path(args.template).read_text() if args.template else None
     with template_override(fam.name, WS_FILE, revision) if revision else contextlib.nullcontext():
-        for _ in range(3):  # compile, warm up
-            fam.run(inputs, cfg)
-            with _backend("CUDNN_ATTENTION"):
-                fam.baseline(inputs)
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaProfilerStart()
-        out = fam.run(inputs, cfg)
-        with _backend("CUDNN_ATTENTION"):
-            fam.baseline(inputs)
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaProfilerStop()
-    err = (out.double() - fam.reference(inputs)).abs().max().item()
+        err = profiled_against(fam, inputs, cfg, cudnn)
     print(f"{shape} {cfg}: max abs error {err:.3g}")
     return 0
 
