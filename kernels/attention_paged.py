@@ -75,6 +75,13 @@ def _rows(config: Config) -> int:
     return max(16, config["BLOCK_Q"] * next_pow2(config["HEADS"]))
 
 
+def _lazy_sum(config: Config) -> bool:
+    """Whether a program keeps its softmax row sums per key column until the last tile: when its
+    warps split the score tile along the keys (under 16 rows per warp), where a per-tile row sum
+    would cross warps (the template's ``row_sum_update``)."""
+    return _rows(config) < 16 * config["num_warps"]
+
+
 class PagedFamily(Family):
     name = "attention_paged"
     template_file = "attention_paged.py.j2"
@@ -113,9 +120,11 @@ class PagedFamily(Family):
             return f"{rows} rows per program exceed {_MAX_ROWS}"
         if config["BLOCK_Q"] * heads_pad < 16 and config["BLOCK_Q"] < next_pow2(lq):
             return "rows padded to 16 while more query tokens could fill them"
-        regs = (rows * d + rows * tile) // (32 * warps)
+        score_tiles = 2 if _lazy_sum(config) else 1  # the scores, and the per-column row sums
+        regs = (rows * d + score_tiles * rows * tile) // (32 * warps)
         if regs > _MAX_ACC_REGS:
-            return f"float32 accumulator {rows}x{d} and scores {rows}x{tile} need {regs} registers per thread"
+            return (f"float32 accumulator {rows}x{d} and {score_tiles} score-sized tile(s) {rows}x{tile} need "
+                    f"{regs} registers per thread")
         if dtype == "float32" and (2 * rows * d + rows * tile + tile * d) // (32 * warps) > MAX_FP32_REGS:
             return f"float32 dots keep the q {rows}x{d} and k {tile}x{d} tiles in registers too: too many"
         # 4 warps or fewer always pass: the smallest tile, 16x16 at head dim 16, needs 4.
@@ -163,6 +172,7 @@ class PagedFamily(Family):
             "SPLIT": config["SPLIT"],
             "NUM_WARPS": config["num_warps"],
             "NUM_STAGES": config["num_stages"],
+            "LAZY_SUM": _lazy_sum(config),
             "FP32": dtype == "float32",
             "ROPE": _rope(shape),
             "PDL": programmatic_launch(),

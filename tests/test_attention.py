@@ -296,18 +296,20 @@ def test_paged_decode_split_relaunched_on_new_inputs(dtype: str, device: torch.d
 
 @pytest.mark.parametrize(
     "block_size,group,head_dim,heads,block_q",
-    [(16, 4, 64, 4, 4), (8, 1, 80, 1, 16), (32, 8, 64, 2, 8), (64, 2, 96, 2, 8)],
+    [(16, 4, 64, 4, 4), (8, 1, 80, 1, 16), (32, 8, 64, 2, 8), (64, 2, 96, 2, 8), (16, 4, 64, 4, 16)],
 )
 def test_paged_mixed_batch(block_size: int, group: int, head_dim: int, heads: int, block_q: int, dtype: str,
                            device: torch.device) -> None:
     """Chunked prefill and decode tokens in one batch: query lengths 1 and above, a query that fills
-    its context (prefill with no cached prefix), heads of one KV head split over programs."""
+    its context (prefill with no cached prefix), heads of one KV head split over programs. The last
+    case has 64 rows, 16 per warp: its row sums are taken per tile, the others' after the last tile."""
     q_lens = [1, 7, 1, 19, 3]
     ctx = [45, 29, 1, 19, 70]
     shape, inputs = _paged_inputs(q_lens, ctx, 2 * group, 2, head_dim, block_size, dtype, device, seed=group)
     config = {"variant": "general", "TILE": 32, "SPLIT": 1, "HEADS": heads, "BLOCK_Q": block_q,
               "num_warps": 4, "num_stages": 2}
     PAGED.check_config(shape, dtype, config)
+    assert PAGED.facts(shape, dtype, config)["LAZY_SUM"] == (heads * block_q < 64)
     _check(PAGED, inputs, config, dtype, device)
 
 
