@@ -100,8 +100,9 @@ class PagedFamily(Family):
             "SPLIT": [1] + [s for s in (2, 4, 8, 16, 32, 64) if decode and s <= math.ceil(lc / 16)],
             "HEADS": [h for h in range(1, group + 1) if group % h == 0],
             "BLOCK_Q": [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= next_pow2(lq)],
-            # Decode programs are small (a few heads' rows): 2 warps leave room for more programs per SM.
-            "num_warps": [2, 4, 8] if decode else [4, 8],
+            # Decode programs are small (a few heads' rows): 1 or 2 warps leave room for more programs
+            # per SM, and one warp holds whole score rows (no reduction crosses warps).
+            "num_warps": [1, 2, 4, 8] if decode else [4, 8],
             "num_stages": [2, 3, 4],
         }
 

@@ -229,6 +229,20 @@ def test_paged_decode(block_size: int, variant: str, split: int, dtype: str, dev
     _check(PAGED, inputs, config, dtype, device)
 
 
+@pytest.mark.parametrize("variant,split,tile", [("decode", 1, 32), ("decode_split", 4, 16)])
+def test_paged_decode_on_one_warp(variant: str, split: int, tile: int, dtype: str, device: torch.device) -> None:
+    """One warp per program (decode only): whole score rows in one warp, so the row sums are taken
+    per tile (LAZY_SUM off), unlike the same config on 2 warps."""
+    # Head dim 32: at 64, a float32 program's q and k tiles would not fit one warp's registers.
+    shape, inputs = _paged_inputs([1, 1, 1], [1, 3 * tile + 5, 70], 8, 2, 32, 16, dtype, device, seed=tile)
+    config = {**PAGED.default_config(shape, dtype), "variant": variant, "SPLIT": split, "TILE": tile,
+              "num_warps": 1}
+    PAGED.check_config(shape, dtype, config)
+    assert not PAGED.facts(shape, dtype, config)["LAZY_SUM"]
+    assert PAGED.facts(shape, dtype, {**config, "num_warps": 2})["LAZY_SUM"]
+    _check(PAGED, inputs, config, dtype, device)
+
+
 def _rope_inputs(ctx, bs, dtype, device, seed=0, head_dim=64):
     shape = {"batch": len(ctx), "query_len": 1, "context_len": max(ctx), "heads_q": 8, "heads_kv": 2,
              "head_dim": head_dim, "block_size": bs, "rope": True}
