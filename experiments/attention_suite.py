@@ -87,6 +87,16 @@ def known_config(fam: Family, shape: dict, dtype: str) -> dict | None:
     return None if hit is None else hit["config"]
 
 
+def cached_or_default(fam: Family, shape: dict, dtype: str) -> dict:
+    """The device cache's config for exactly this shape, else the family's default."""
+    return known_config(fam, shape, dtype) or fam.default_config(shape, dtype)
+
+
+def decode_points(indices: str, quick: bool) -> list[dict]:
+    """The decode points at ``indices`` (comma-separated, into :data:`DECODE`), or the quick ones."""
+    return QUICK_DECODE if quick else [DECODE[int(i)] for i in indices.split(",")]
+
+
 def compile_shape(fam: Family, shape: dict) -> dict:
     """A smaller shape whose launches compile the same kernels: one sequence (a kernel's arguments
     are strides and head counts, fixed by the heads and head dim), a prefill of at most 1024 tokens."""

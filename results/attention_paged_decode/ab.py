@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 import kernels
-from experiments.attention_suite import DECODE, DECODE_BASELINES, QUICK_DECODE, baselines_ms, checked_ms, compile_shape
+from experiments.attention_suite import DECODE_BASELINES, baselines_ms, checked_ms, compile_shape, decode_points
 from experiments.template_ab import compile_with, template_override
 from experiments.suite import provenance
 from kernels.device import default_device, device_facts
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_pdl_too:
         revisions.update({f"{name}-nopdl": (text, False) for name, text in texts.items()})
     overrides = [{**BASE, **c} for c in json.loads(args.configs)]
-    points = QUICK_DECODE if args.quick else [DECODE[int(i)] for i in args.points.split(",")]
+    points = decode_points(args.points, args.quick)
     plan = []
     for shape in points:
         valid = fam.configs(shape, args.dtype)

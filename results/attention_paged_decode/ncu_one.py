@@ -13,7 +13,7 @@ import argparse
 import json
 
 import kernels
-from experiments.attention_suite import DECODE, known_config
+from experiments.attention_suite import DECODE, cached_or_default
 from experiments.measure import profiled_against
 from kernels.device import default_device
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fam = kernels.get_family("attention_paged")
     shape = DECODE[args.point]
-    cfg = json.loads(args.config) if args.config else (known_config(fam, shape, DTYPE) or fam.default_config(shape, DTYPE))
+    cfg = json.loads(args.config) if args.config else cached_or_default(fam, shape, DTYPE)
     inputs = fam.make_inputs(shape, DTYPE, default_device(), seed=1)
     # The baseline's first call gathers SDPA's contiguous cache: a warm-up call, not profiled.
     err = profiled_against(fam, inputs, cfg, lambda: fam.baseline(inputs))

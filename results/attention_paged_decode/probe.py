@@ -28,12 +28,12 @@ import torch
 import kernels  # before triton: it picks the interpreter on a machine without a GPU
 import triton
 import triton.language as tl
-from autotune.timing import gpu_time
-from experiments.attention_suite import DECODE, QUICK_DECODE, known_config
+from experiments.attention_suite import cached_or_default, decode_points
 from experiments.suite import provenance
 from experiments.template_ab import template_override
 from kernels.device import default_device, device_facts
 from kernels.generator import template_text
+from results.attention_paged_decode.timed import time_each
 
 FAMILY = "attention_paged"
 FILE = "attention_paged.py.j2"
@@ -161,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     device = default_device()
     meta = provenance(device_facts(device))
     gpu = device.type == "cuda"
-    points = QUICK_DECODE if args.quick else [DECODE[int(i)] for i in args.points.split(",")]
+    points = decode_points(args.points, args.quick)
     rows, frames = [], []
     for shape in points:
         inputs = fam.make_inputs(shape, args.dtype, device, seed=1)
-        cfg = known_config(fam, shape, args.dtype) or fam.default_config(shape, args.dtype)
+        cfg = cached_or_default(fam, shape, args.dtype)
         fam.baseline(inputs)  # gathers the contiguous cache into inputs["_sdpa_kv"]
         timed = {"tuned " + json.dumps(cfg): fam.timed_call(inputs, cfg), "sdpa": lambda: fam.baseline(inputs)}
         outs = {}
@@ -173,13 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             for tile, warps, stages in ((128, 4, 2), (64, 4, 2), (64, 4, 3), (64, 2, 3)):
                 key = f"T{tile} w{warps} {stages}st"
                 timed[f"{name} {key}"], outs[name, key] = _probe(inputs, mode, tile, warps, stages)
-        for name, fn in timed.items():
-            ms = gpu_time(fn)[0] if gpu else float("nan")
-            if not gpu:
-                fn()
-            rows.append({**meta, "dtype": args.dtype, **shape, "what": name, "us": ms * 1e3,
-                         "TBps": fam.bytes(shape, args.dtype) / ms / 1e9})
-            print(f"B{shape['batch']} L{shape['context_len']} {name}: {ms * 1e3:.2f} us", flush=True)
+        rows += time_each(fam, shape, args.dtype, meta, timed, gpu)
         # The paged and contiguous probes read the same keys and values: their outputs agree.
         for (name, key), out in outs.items():
             if name == "paged" and not torch.allclose(out, outs["contig", key], rtol=1e-3, atol=1e-3):

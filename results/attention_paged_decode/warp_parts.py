@@ -26,11 +26,11 @@ import kernels  # before triton: it picks the interpreter on a machine without a
 import triton
 import triton.language as tl
 
-from autotune.timing import gpu_time
-from experiments.attention_suite import DECODE, QUICK_DECODE, known_config
+from experiments.attention_suite import cached_or_default, decode_points
 from experiments.suite import provenance
 from kernels.device import default_device, device_facts
 from kernels.family import rel_error
+from results.attention_paged_decode.timed import time_each
 
 FAMILY = "attention_paged"
 CONFIGS = [(4, 32, 2), (4, 32, 3), (4, 16, 2), (4, 16, 3), (4, 64, 2), (2, 64, 2), (2, 32, 3), (8, 16, 2), (8, 32, 2)]
@@ -103,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     device = default_device()
     meta = provenance(device_facts(device))
     gpu = device.type == "cuda"
-    points = QUICK_DECODE if args.quick else [DECODE[int(i)] for i in args.points.split(",")]
+    points = decode_points(args.points, args.quick)
     rows = []
     for shape in points:
         inputs = fam.make_inputs(shape, args.dtype, device, seed=1)
         ref = fam.reference(inputs)
         tol = fam.tolerance(args.dtype, device)
-        cfg = known_config(fam, shape, args.dtype) or fam.default_config(shape, args.dtype)
+        cfg = cached_or_default(fam, shape, args.dtype)
         timed = {"tuned " + json.dumps(cfg): fam.timed_call(inputs, cfg), "sdpa": lambda: fam.baseline(inputs)}
         for parts, sub, stages in CONFIGS:
             if args.quick and parts * sub > 64:
@@ -121,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             if not err <= tol:  # NaN fails too
                 raise RuntimeError(f"parts {parts} sub {sub} {stages}st: relative error {err:.3g} > {tol}")
             timed[f"parts {parts} x {sub} keys, {parts} warps, {stages}st"] = call
-        for name, fn in timed.items():
-            ms = gpu_time(fn)[0] if gpu else float("nan")
-            rows.append({**meta, "dtype": args.dtype, **shape, "what": name, "us": ms * 1e3,
-                         "TBps": fam.bytes(shape, args.dtype) / ms / 1e9})
-            print(f"B{shape['batch']} L{shape['context_len']} {name}: {ms * 1e3:.2f} us", flush=True)
+        rows += time_each(fam, shape, args.dtype, meta, timed, gpu)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(Path(args.out) / "warp_parts.csv", index=False)
     return 0
