@@ -58,6 +58,16 @@ def test_prefill_varlen(group: int, causal: bool, head_dim: int, dtype: str, dev
     _check(PREFILL, inputs, None, dtype, device)
 
 
+@pytest.mark.parametrize("head_dim", [160, 256])
+def test_head_dims_above_128(head_dim: int, dtype: str, device: torch.device) -> None:
+    """Head dims up to 256 are right at their defaults: 160 padded to 256, and 256 itself, in a causal
+    varlen prefill and a mixed paged batch (decode and chunked prefill)."""
+    shape, inputs = _prefill_inputs([1, 21, 8], 4, 2, head_dim, True, dtype, device, seed=head_dim)
+    _check(PREFILL, inputs, None, dtype, device)
+    shape, inputs = _paged_inputs([1, 5, 1], [1, 21, 40], 4, 2, head_dim, 16, dtype, device, seed=head_dim)
+    _check(PAGED, inputs, None, dtype, device)
+
+
 @pytest.mark.parametrize("variant,maxnreg", [("ptr", 0), ("tma", 0), ("tma", 168)])
 @pytest.mark.parametrize("block_m,block_n", [(16, 64), (64, 16), (32, 32)])
 def test_prefill_tiles_and_variants(variant: str, maxnreg: int, block_m: int, block_n: int, dtype: str,
